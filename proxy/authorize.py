@@ -1,0 +1,198 @@
+"""`proxy authorize`: the one-time browser sign-in (OAuth2 authorization code flow with PKCE).
+
+msal builds the request (PKCE, state, nonce) and redeems the code; we own the localhost
+listener that receives the redirect, so we control its port, the countdown and the deadline.
+The redirect arrives as a form POST (response_mode=form_post, as msal itself uses) or as a
+query string; both are accepted. The tokens are then sealed with the local password.
+"""
+
+from __future__ import annotations
+
+import http.server
+import socket
+import sys
+import threading
+import time
+import urllib.parse
+import webbrowser
+from typing import TextIO
+
+import msal
+
+from .config import AccountConfig, Config
+from .store import TokenStore, derive_key
+from .tokens import describe_msal_error, make_msal_app, token_meta, token_payload
+
+_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>{title}</title></head>
+<body style="font-family:sans-serif;max-width:40em;margin:3em auto"><h1>{title}</h1><p>{text}</p></body></html>"""
+
+
+class AuthorizeError(Exception):
+    """The sign-in did not complete; the message says what to do next."""
+
+
+class _Catcher:
+    """A localhost HTTP listener that waits for the identity provider's redirect."""
+
+    def __init__(self, port: int):
+        self.state: str | None = None
+        self.response: dict[str, str] | None = None
+        self.done = threading.Event()
+        catcher = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+                query = urllib.parse.urlsplit(self.path).query
+                catcher.handle(self, dict(urllib.parse.parse_qsl(query)))
+
+            def do_POST(self) -> None:  # noqa: N802
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(min(length, 64 * 1024)).decode("utf-8", "replace")
+                catcher.handle(self, dict(urllib.parse.parse_qsl(body)))
+
+            def log_message(self, *args) -> None:  # the URL carries the authorization code
+                pass
+
+        self.servers = [http.server.HTTPServer(("127.0.0.1", port), Handler)]
+        self.port = self.servers[0].server_address[1]
+        if socket.has_ipv6:  # browsers may resolve "localhost" to ::1 first
+            try:
+                class V6Server(http.server.HTTPServer):
+                    address_family = socket.AF_INET6
+                self.servers.append(V6Server(("::1", self.port), Handler))
+            except OSError:
+                pass
+        for server in self.servers:
+            threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True).start()
+
+    def handle(self, request: http.server.BaseHTTPRequestHandler, params: dict[str, str]) -> None:
+        if "code" not in params and "error" not in params:
+            _reply(request, 404, "Waiting for the sign-in", "This address only receives the sign-in result.")
+            return
+        if self.done.is_set() or params.get("state") != self.state:
+            _reply(request, 400, "Unexpected sign-in response",
+                   "This response does not belong to the sign-in that `proxy authorize` is waiting for.")
+            return
+        if "error" in params:
+            _reply(request, 200, "Sign-in failed", "Return to the terminal for details.")
+        else:
+            _reply(request, 200, "Sign-in complete",
+                   "The proxy received the authorization. You can close this window.")
+        self.response = params
+        self.done.set()
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.shutdown()
+            server.server_close()
+
+
+def _reply(request: http.server.BaseHTTPRequestHandler, status: int, title: str, text: str) -> None:
+    body = _PAGE.format(title=title, text=text).encode("utf-8")
+    request.send_response(status)
+    request.send_header("Content-Type", "text/html; charset=utf-8")
+    request.send_header("Content-Length", str(len(body)))
+    request.send_header("Cache-Control", "no-store")
+    request.end_headers()
+    request.wfile.write(body)
+
+
+def authorize_browser(config: Config, account: AccountConfig, password: str, *, timeout: float = 30.0,
+                      open_browser: bool = True, port: int = 0, out: TextIO = sys.stderr) -> dict:
+    """Run the sign-in and store the tokens. Returns the token file's metadata."""
+    cache = msal.SerializableTokenCache()
+    try:
+        app = make_msal_app(config.identity, cache)
+    except Exception as exc:  # msal raises ValueError and requests errors during discovery
+        raise AuthorizeError(f"cannot reach the identity provider at {config.identity.authority} "
+                             f"({exc.__class__.__name__}: {str(exc)[:200]}). Check identity.authority, "
+                             f"identity.ca_file and the network") from None
+    try:
+        catcher = _Catcher(port)
+    except OSError as exc:
+        raise AuthorizeError(f"cannot listen on localhost port {port} for the sign-in redirect "
+                             f"({exc.strerror}); choose another with --port") from None
+    try:
+        redirect_uri = f"http://localhost:{catcher.port}"
+        flow = app.initiate_auth_code_flow(config.identity.msal_scopes, redirect_uri=redirect_uri,
+                                           login_hint=account.username, response_mode="form_post",
+                                           prompt="select_account")
+        catcher.state = flow["state"]
+        print(f"Sign in as {account.username} in the browser to authorize the proxy.", file=out)
+        if open_browser:
+            print("Opening your browser. If it does not open, visit this address:", file=out)
+            threading.Thread(target=_open, args=(flow["auth_uri"],), daemon=True).start()
+        else:
+            print("Open this address in a browser on this computer:", file=out)
+        print(f"  {flow['auth_uri']}", file=out, flush=True)
+        _countdown(catcher.done, timeout, out)
+        if catcher.response is None:
+            raise AuthorizeError(
+                f"No sign-in arrived within {timeout:.0f} s. Run the command again when ready; "
+                "--timeout 120 gives more time, --no-browser prints the address to open yourself, "
+                f"and the browser must be able to reach {redirect_uri} on this computer")
+    finally:
+        catcher.close()
+    response = catcher.response
+    if "error" in response:
+        raise AuthorizeError(f"the identity provider refused the sign-in: {response.get('error')}: "
+                             f"{response.get('error_description', '')[:300]}")
+    try:
+        result = app.acquire_token_by_auth_code_flow(flow, response)
+    except ValueError as exc:
+        raise AuthorizeError(f"the sign-in response was not valid ({exc})") from None
+    except Exception as exc:
+        raise AuthorizeError(f"redeeming the authorization failed ({exc.__class__.__name__})") from None
+    if "access_token" not in result:
+        raise AuthorizeError(f"the identity provider refused to issue tokens: {describe_msal_error(result)}")
+    signed_in = (result.get("id_token_claims") or {}).get("preferred_username")
+    if signed_in and signed_in.casefold() != account.username.casefold():
+        print(f"Note: signed in as {signed_in}; the proxy will open the mailbox {account.username} "
+              "with that account's rights.", file=out)
+    return save_tokens(config, account, password, cache, result)
+
+
+def save_tokens(config: Config, account: AccountConfig, password: str, cache: msal.SerializableTokenCache,
+                result: dict) -> dict:
+    """Seal a fresh msal result with a new key derived from ``password`` (new salt)."""
+    now = time.time()
+    expires_at = now + float(result.get("expires_in") or 3600)
+    home = None
+    info = result.get("id_token_claims") or {}
+    accounts = [a for a in cache.find(msal.TokenCache.CredentialType.ACCOUNT)]
+    if accounts:
+        home = accounts[0].get("home_account_id")
+    meta = token_meta(account.username, expires_at=expires_at, has_refresh_token="refresh_token" in result,
+                      last_refresh=now, last_error=None)
+    if info.get("preferred_username"):
+        meta["signed_in_as"] = info["preferred_username"]
+    store = TokenStore(config.token_path)
+    store.write(account.username, derive_key(password),
+                token_payload(cache, home, result["access_token"], expires_at), meta)
+    return meta
+
+
+def _open(url: str) -> None:
+    try:
+        webbrowser.open(url)
+    except Exception:
+        pass  # the address is printed; the user can open it by hand
+
+
+def _countdown(done: threading.Event, timeout: float, out: TextIO) -> None:
+    deadline = time.monotonic() + timeout
+    interactive = out.isatty()
+    last_shown = None
+    while not done.is_set():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        shown = int(left + 0.999)
+        if interactive:
+            print(f"\rWaiting for the sign-in: {shown:3d} s left ", end="", file=out, flush=True)
+        elif shown != last_shown and (shown % 10 == 0 or shown <= 5 or last_shown is None):
+            print(f"Waiting for the sign-in: {shown} s left", file=out, flush=True)
+        last_shown = shown
+        done.wait(min(1.0, left))
+    if interactive:
+        print(file=out)

@@ -1,0 +1,352 @@
+"""The token broker: owns each account's tokens, refreshes them ahead of expiry, one refresh at a time.
+
+Modelled on pizauth's refresher: the broker is the only place that talks to the identity
+provider (through msal) once ``proxy serve`` runs. Per account it keeps the decrypted msal
+cache, the current access token and its expiry. Logins ask :meth:`TokenBroker.access_token`;
+a valid token is answered from memory, otherwise every caller waits on the same refresh
+(N simultaneous logins, one token request), always within the caller's deadline. After the
+first successful login (which yields the file key) a background task refreshes ahead of
+expiry, so logins rarely wait and the refresh token stays alive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import hmac
+import logging
+import secrets
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import msal
+import requests
+
+from .config import AccountConfig, Config, IdentityConfig
+from .logs import register_secret
+from .store import Key, NoTokens, StoreError, TokenStore, WrongPassword
+
+log = logging.getLogger("proxy.tokens")
+
+# msal error codes after which only a new browser sign-in helps.
+REAUTHORIZE_ERRORS = frozenset({"invalid_grant", "interaction_required", "consent_required", "login_required"})
+MIN_FORCED_REFRESH_INTERVAL = 30.0
+
+
+class TokenError(Exception):
+    """No usable access token. ``reauthorize`` says whether `proxy authorize` is the fix."""
+
+    def __init__(self, message: str, *, reauthorize: bool = False, retry_after: float | None = None):
+        super().__init__(message)
+        self.reauthorize = reauthorize
+        self.retry_after = retry_after
+
+
+class LoginRefused(Exception):
+    """The local user name or password is wrong (the message is safe to show)."""
+
+
+class _TimeoutSession(requests.Session):
+    """A requests session with a default timeout that ignores proxy/CA environment variables.
+
+    msal has no network timeout of its own, and this machine's kind of environment sets
+    REQUESTS_CA_BUNDLE, which would silently override ``verify``.
+    """
+
+    def __init__(self, timeout: float, verify: str | bool):
+        super().__init__()
+        self.trust_env = False
+        self.verify = verify
+        self._timeout = timeout
+
+    def request(self, *args: Any, **kwargs: Any) -> requests.Response:  # type: ignore[override]
+        kwargs.setdefault("timeout", self._timeout)
+        return super().request(*args, **kwargs)
+
+
+def make_msal_app(identity: IdentityConfig, cache: msal.SerializableTokenCache,
+                  http_cache: dict | None = None) -> msal.ClientApplication:
+    """Build the msal application (blocking: it fetches the authority's metadata)."""
+    http = _TimeoutSession(identity.timeout, str(identity.ca_file) if identity.ca_file else True)
+    common = dict(authority=identity.authority, token_cache=cache, http_client=http,
+                  instance_discovery=False, http_cache=http_cache)
+    if identity.client_secret:
+        return msal.ConfidentialClientApplication(identity.client_id, client_credential=identity.client_secret,
+                                                  **common)
+    return msal.PublicClientApplication(identity.client_id, **common)
+
+
+def describe_msal_error(result: dict[str, Any]) -> str:
+    """Microsoft's error code and the first line of its description (never contains tokens)."""
+    description = str(result.get("error_description") or "").strip().splitlines()
+    return f"{result.get('error')}: {description[0][:300]}" if description else str(result.get("error"))
+
+
+def token_payload(cache: msal.SerializableTokenCache, home_account_id: str | None,
+                  access_token: str | None, expires_at: float | None) -> dict[str, Any]:
+    """What goes, encrypted, into a token file."""
+    return {"msal_cache": cache.serialize(), "home_account_id": home_account_id,
+            "access_token": access_token, "expires_at": expires_at}
+
+
+def token_meta(username: str, *, expires_at: float | None, has_refresh_token: bool,
+               last_refresh: float | None, last_error: str | None, state: str = "ok") -> dict[str, Any]:
+    """Non-secret status stored in clear (but authenticated) beside the ciphertext."""
+    return {"account": username, "state": state, "access_token_expires": expires_at,
+            "has_refresh_token": has_refresh_token, "last_refresh": last_refresh,
+            "last_error": last_error, "updated": time.time()}
+
+
+@dataclass
+class AccountState:
+    """What the broker knows about one account (the token owner)."""
+
+    account: AccountConfig
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    verifier: bytes | None = field(default=None, repr=False)
+    key: Key | None = field(default=None, repr=False)
+    stamp: tuple[int, int, int] | None = None
+    cache: msal.SerializableTokenCache | None = field(default=None, repr=False)
+    home_account_id: str | None = None
+    app: msal.ClientApplication | None = field(default=None, repr=False)
+    access_token: str | None = field(default=None, repr=False)
+    expires_at: float = 0.0
+    lifetime: float = 3600.0
+    obtained_at: float = 0.0
+    last_forced: float = 0.0
+    last_refresh: float | None = None
+    last_error: str | None = None
+    next_attempt: float = 0.0  # no refresh before this time (backoff after a failure)
+    backoff: float = 0.0
+    dead: str | None = None  # reason the refresh token is unusable (needs `proxy authorize`)
+    refreshing: asyncio.Task | None = None
+    refresher: asyncio.Task | None = None
+
+    @property
+    def refresh_margin(self) -> float:
+        return min(300.0, self.lifetime / 4)
+
+    def usable_token(self, now: float) -> str | None:
+        """The current token if it stays valid long enough to complete a login."""
+        if self.access_token and self.expires_at - now > min(5.0, self.lifetime / 5):
+            return self.access_token
+        return None
+
+
+class TokenBroker:
+    """Verifies local passwords and hands out access tokens, refreshing them as needed."""
+
+    def __init__(self, config: Config, store: TokenStore, *, executor: ThreadPoolExecutor | None = None):
+        self.config = config
+        self.store = store
+        self._executor = executor or ThreadPoolExecutor(max_workers=8, thread_name_prefix="tokens")
+        self._states: dict[str, AccountState] = {}
+        self._pepper = secrets.token_bytes(32)  # keys the in-memory password verifiers
+        self._http_cache: dict = {}
+        self._closed = False
+
+    # -- public API ---------------------------------------------------------------------
+    async def authenticate(self, username: str, password: str) -> AccountState:
+        """Check a local login; returns the account's state. Raises LoginRefused or TokenError."""
+        account = self.config.account(username)
+        if account is None:
+            raise LoginRefused("unknown user or wrong password")
+        state = self._states.get(account.key)
+        if state is None or state.account != account:
+            state = self._states[account.key] = AccountState(account)
+        verifier = hmac.new(self._pepper, password.encode("utf-8"), hashlib.sha256).digest()
+        async with state.lock:
+            try:
+                stamp = self.store.stamp(account.username)
+            except StoreError as exc:
+                raise TokenError(str(exc)) from None
+            if stamp is None:
+                raise TokenError(f"{account.username} is not authorized yet: run `proxy authorize "
+                                 f"{account.username}`", reauthorize=True)
+            if state.verifier is not None and stamp == state.stamp:
+                if hmac.compare_digest(state.verifier, verifier):
+                    return state
+                raise LoginRefused("unknown user or wrong password")
+            await self._load(state, password, verifier)
+        return state
+
+    async def access_token(self, state: AccountState, timeout: float) -> str:
+        """A valid access token for the account, within ``timeout`` seconds or TokenError."""
+        if state.dead:
+            raise TokenError(state.dead, reauthorize=True)
+        now = time.time()
+        token = state.usable_token(now)
+        if token is not None:
+            if state.expires_at - now < state.refresh_margin:
+                self._start_refresh(state)  # ahead of expiry, without making this login wait
+            return token
+        task = self._start_refresh(state)
+        if task is None:
+            raise TokenError(f"no valid token, and the last refresh failed ({state.last_error}); "
+                             f"retrying in {state.next_attempt - now:.0f} s",
+                             retry_after=state.next_attempt - now)
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), timeout)
+        except asyncio.TimeoutError:
+            raise TokenError("the identity provider did not answer in time") from None
+
+    def reject(self, state: AccountState, token: str) -> bool:
+        """The upstream server refused ``token``. Returns True if a fresh one may be tried."""
+        if token != state.access_token:
+            return True  # someone already replaced it
+        now = time.time()
+        if now - state.last_forced < MIN_FORCED_REFRESH_INTERVAL:
+            return False  # it was just refreshed and still refused: refreshing again won't help
+        state.last_forced = now
+        state.access_token = None
+        return True
+
+    def status(self, state: AccountState) -> dict[str, Any]:
+        return {"expires_at": state.expires_at, "last_refresh": state.last_refresh,
+                "last_error": state.last_error, "dead": state.dead}
+
+    async def close(self) -> None:
+        self._closed = True
+        for state in self._states.values():
+            for task in (state.refresher, state.refreshing):
+                if task is not None:
+                    task.cancel()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- loading ------------------------------------------------------------------------
+    async def _load(self, state: AccountState, password: str, verifier: bytes) -> None:
+        name = state.account.username
+        try:
+            sealed = await self._run(self.store.read, name)
+            key = state.key
+            if key is None or key.salt != sealed.salt or state.verifier != verifier:
+                key = await self._run(self.store.key_for, sealed, password)
+            payload = self.store.open(sealed, key)
+        except NoTokens as exc:
+            raise TokenError(f"{exc}; run `proxy authorize {name}`", reauthorize=True) from None
+        except WrongPassword:
+            raise LoginRefused("unknown user or wrong password") from None
+        except StoreError as exc:
+            raise TokenError(str(exc), reauthorize=True) from None
+        cache = msal.SerializableTokenCache()
+        cache.deserialize(payload.get("msal_cache") or "{}")
+        state.key, state.verifier, state.stamp, state.cache = key, verifier, sealed.stamp, cache
+        state.home_account_id = payload.get("home_account_id")
+        state.app = None
+        state.access_token = payload.get("access_token")
+        state.expires_at = float(payload.get("expires_at") or 0)
+        meta = sealed.meta
+        state.lifetime = max(60.0, state.expires_at - float(meta.get("last_refresh") or 0)) \
+            if meta.get("last_refresh") else 3600.0
+        state.last_refresh, state.last_error = meta.get("last_refresh"), meta.get("last_error")
+        state.dead = meta.get("last_error") if meta.get("state") == "needs_authorization" else None
+        if state.access_token:
+            register_secret(state.access_token)
+        log.info("account %s unlocked (token valid for %.0f s)", name, max(0.0, state.expires_at - time.time()))
+        if state.refresher is None or state.refresher.done():
+            state.refresher = asyncio.get_running_loop().create_task(self._keep_fresh(state))
+
+    # -- refreshing ---------------------------------------------------------------------
+    def _start_refresh(self, state: AccountState) -> asyncio.Task | None:
+        """The running refresh, or a new one; None while backing off after a failure."""
+        if state.refreshing is None or state.refreshing.done():
+            if time.time() < state.next_attempt:
+                return None
+            state.refreshing = asyncio.get_running_loop().create_task(self._refresh(state))
+            state.refreshing.add_done_callback(_consume_exception)
+        return state.refreshing
+
+    async def _refresh(self, state: AccountState) -> str:
+        name = state.account.username
+        started = time.time()
+        try:
+            result = await self._run(self._refresh_sync, state)
+        except TokenError as exc:
+            state.last_error = str(exc)
+            if exc.reauthorize:
+                state.dead = f"the stored authorization no longer works ({exc}); run `proxy authorize {name}`"
+                log.warning("account %s: refresh token rejected (%s); needs `proxy authorize`", name, exc)
+                await self._persist(state, status="needs_authorization")
+                raise TokenError(state.dead, reauthorize=True) from None
+            state.backoff = min(max(2 * state.backoff, 2.0), 60.0)
+            state.next_attempt = time.time() + state.backoff
+            log.warning("account %s: token refresh failed (%s); next attempt in %.0f s", name, exc, state.backoff)
+            raise
+        token = result["access_token"]
+        register_secret(token)
+        if result.get("refresh_token"):
+            register_secret(result["refresh_token"])
+        lifetime = float(result.get("expires_in") or 3600)
+        state.access_token, state.lifetime = token, max(1.0, lifetime)
+        state.expires_at, state.obtained_at = started + lifetime, started
+        state.last_refresh, state.last_error = time.time(), None
+        state.backoff, state.next_attempt = 0.0, 0.0
+        log.info("account %s: access token refreshed (valid %.0f s)", name, lifetime)
+        await self._persist(state)
+        return token
+
+    def _refresh_sync(self, state: AccountState) -> dict[str, Any]:
+        """Blocking: one refresh through msal (runs in the executor)."""
+        identity = self.config.identity
+        try:
+            if state.app is None:
+                state.app = make_msal_app(identity, state.cache, self._http_cache)
+            accounts = [a for a in state.app.get_accounts()
+                        if a.get("home_account_id") == state.home_account_id] or state.app.get_accounts()
+            if not accounts:
+                raise TokenError("no account in the stored authorization", reauthorize=True)
+            result = state.app.acquire_token_silent_with_error(
+                identity.msal_scopes, account=accounts[0], force_refresh=True)
+        except TokenError:
+            raise
+        except (requests.RequestException, OSError, ValueError) as exc:
+            raise TokenError(f"identity provider unreachable ({exc.__class__.__name__})") from None
+        if result is None:
+            raise TokenError("no refresh token stored", reauthorize=True)
+        if "access_token" not in result:
+            raise TokenError(describe_msal_error(result),
+                             reauthorize=result.get("error") in REAUTHORIZE_ERRORS)
+        return result
+
+    async def _persist(self, state: AccountState, status: str = "ok") -> None:
+        name = state.account.username
+        try:
+            current = self.store.stamp(name)
+            if current != state.stamp:
+                # `proxy authorize` replaced the file meanwhile: never overwrite a newer sign-in.
+                log.info("account %s: token file changed on disk; reloading at next login", name)
+                state.verifier = None
+                return
+            has_rt = bool(state.cache.find(msal.TokenCache.CredentialType.REFRESH_TOKEN))
+            payload = token_payload(state.cache, state.home_account_id, state.access_token, state.expires_at)
+            meta = token_meta(name, expires_at=state.expires_at, has_refresh_token=has_rt,
+                              last_refresh=state.last_refresh, last_error=state.last_error, state=status)
+            state.stamp = await self._run(self.store.write, name, state.key, payload, meta)
+        except (OSError, StoreError) as exc:
+            log.error("account %s: cannot save refreshed tokens (%s); keeping them in memory", name, exc)
+
+    async def _keep_fresh(self, state: AccountState) -> None:
+        """Background task: refresh ahead of expiry; back off on failures (honouring Retry-After)."""
+        while not self._closed and not state.dead:
+            now = time.time()
+            due = max(state.expires_at - state.refresh_margin, state.next_attempt) - now
+            if due > 0:
+                await asyncio.sleep(min(due, 60.0))  # re-check the wall clock (laptops sleep)
+                continue
+            task = self._start_refresh(state)
+            if task is not None:
+                try:
+                    await asyncio.shield(task)
+                except TokenError:
+                    pass  # logged by _refresh; the backoff decides when to try again
+
+    async def _run(self, func, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(func, *args))
+
+
+def _consume_exception(task: asyncio.Task) -> None:
+    if not task.cancelled():
+        task.exception()

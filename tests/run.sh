@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Install everything the tests need, then run them:  bash tests/run.sh [pytest arguments]
+#  - as root on Debian/Ubuntu: Dovecot (imapd, submissiond, Lua auth), swaks, curl from apt
+#  - a virtualenv in .venv with the package and its [test] extras from PyPI
+# Integration tests never skip silently: without Dovecot they fail.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(dovecot-imapd dovecot-submissiond dovecot-auth-lua swaks curl ca-certificates)
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    missing=()
+    for pkg in "${APT_PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+    done
+    python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
+    if [ ${#missing[@]} -gt 0 ]; then
+        echo "tests/run.sh: installing ${missing[*]}"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    fi
+fi
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null
+.venv/bin/python -m pip install -q -e '.[test]'
+exec .venv/bin/python -m pytest "$@"

@@ -1,0 +1,92 @@
+"""The encrypted token store: sealed at rest, 0600, atomic, tamper-evident, never damaged by a wrong password."""
+
+import json
+import os
+import stat
+
+import pytest
+
+from proxy.store import NoTokens, StoreError, TokenStore, WrongPassword, derive_key
+
+FAST = {"name": "scrypt", "n": 2**10, "r": 8, "p": 1}
+SECRET = "rt-0123456789-very-secret-refresh-token"
+
+
+@pytest.fixture
+def store(tmp_path):
+    return TokenStore(tmp_path / "tokens")
+
+
+def write(store, password="correct horse", payload=None, meta=None):
+    key = derive_key(password, kdf=FAST)
+    store.write("Alice@Firm.de", key, payload or {"refresh": SECRET}, meta or {"state": "ok"})
+    return key
+
+
+def test_round_trip_and_encryption_at_rest(store):
+    key = write(store)
+    path = store.path_for("alice@firm.de")
+    raw = path.read_bytes()
+    assert SECRET.encode() not in raw and b"correct horse" not in raw
+    sealed = store.read("ALICE@firm.de")
+    assert sealed.meta == {"state": "ok"}
+    assert sealed.header["kdf"]["n"] == 2**10  # parameters stored so they can be raised later
+    assert store.open(sealed, store.key_for(sealed, "correct horse")) == {"refresh": SECRET}
+    assert store.open(sealed, key) == {"refresh": SECRET}
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX permissions")
+def test_file_and_folder_permissions(store):
+    write(store)
+    assert stat.S_IMODE(store.path_for("alice@firm.de").stat().st_mode) == 0o600
+    assert stat.S_IMODE(store.directory.stat().st_mode) == 0o700
+
+
+def test_wrong_password_changes_nothing(store):
+    write(store)
+    before = store.path_for("alice@firm.de").read_bytes()
+    sealed = store.read("alice@firm.de")
+    with pytest.raises(WrongPassword):
+        store.open(sealed, store.key_for(sealed, "wrong password"))
+    assert store.path_for("alice@firm.de").read_bytes() == before
+
+
+def test_tampered_metadata_or_kdf_is_detected(store):
+    write(store)
+    path = store.path_for("alice@firm.de")
+    data = json.loads(path.read_text())
+    data["meta"]["state"] = "forged"
+    path.write_text(json.dumps(data))
+    sealed = store.read("alice@firm.de")
+    with pytest.raises(WrongPassword):
+        store.open(sealed, store.key_for(sealed, "correct horse"))
+
+
+@pytest.mark.parametrize("content", [b"", b"{", b"[]", b'{"format": "other"}', b"\xff\xfe garbage"])
+def test_corrupt_file_is_a_clear_error(store, content):
+    write(store)
+    store.path_for("alice@firm.de").write_bytes(content)
+    with pytest.raises(StoreError, match="corrupt") as info:
+        store.read("alice@firm.de")
+    assert "proxy authorize" in str(info.value)
+
+
+def test_missing_file(store):
+    with pytest.raises(NoTokens):
+        store.read("nobody@firm.de")
+    assert store.stamp("nobody@firm.de") is None
+
+
+def test_replace_is_atomic_and_leaves_no_temp_files(store):
+    write(store, payload={"v": 1})
+    stamp1 = store.stamp("alice@firm.de")
+    key = write(store, payload={"v": 2})
+    assert store.stamp("alice@firm.de") != stamp1
+    sealed = store.read("alice@firm.de")
+    assert store.open(sealed, key) == {"v": 2}
+    assert [p.name for p in store.directory.iterdir()] == [store.path_for("alice@firm.de").name]
+
+
+def test_file_names_are_safe(store):
+    assert store.path_for("a/b\\c:d@x").name == "a%2fb%5cc%3ad@x.tokens"
+    assert store.path_for("Alice@Firm.DE") == store.path_for("alice@firm.de")
