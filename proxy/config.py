@@ -66,6 +66,7 @@ class ListenerConfig:
     upstream: Address
     ca_file: Path | None = None
     allow_plaintext: bool = False
+    upstream_tls: str = "implicit"  # "implicit" (IMAPS 993, SMTPS 465) or "starttls" (SMTP 587)
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,7 @@ class LimitsConfig:
 class Config:
     identity: IdentityConfig
     imap: ListenerConfig
+    smtp: ListenerConfig
     token_path: Path
     accounts: tuple[AccountConfig, ...]
     limits: LimitsConfig = LimitsConfig()
@@ -130,19 +132,11 @@ def parse_config(data: Any, *, base_dir: Path, source: Path | None = None) -> Co
     )
     identity.done()
 
-    imap = root.section("imap")
-    imap_cfg = ListenerConfig(
-        listen=imap.address("listen", "127.0.0.1:1143"),
-        upstream=imap.address("upstream", "outlook.office365.com:993"),
-        ca_file=imap.path("ca_file", must_exist=True),
-        allow_plaintext=imap.boolean("allow_plaintext", False),
-    )
-    if not imap_cfg.listen.is_loopback and not imap_cfg.allow_plaintext:
-        raise ConfigError(
-            f"imap.listen: {imap_cfg.listen} is not a loopback address; passwords would cross the "
-            "network in clear. Listen on 127.0.0.1, or set imap.allow_plaintext: true if you "
-            "really mean it")
-    imap.done()
+    imap_cfg = _listener(root.section("imap"), "127.0.0.1:1143", "outlook.office365.com:993", ("implicit",))
+    smtp_cfg = _listener(root.section("smtp"), "127.0.0.1:1587", "smtp.office365.com:587",
+                         ("starttls", "implicit"))
+    if imap_cfg.listen == smtp_cfg.listen:
+        raise ConfigError(f"smtp.listen: {smtp_cfg.listen} is already imap.listen")
 
     tokens = root.section("tokens")
     token_path = tokens.path("path") or (base_dir / "tokens")
@@ -172,8 +166,28 @@ def parse_config(data: Any, *, base_dir: Path, source: Path | None = None) -> Co
     if not accounts:
         raise ConfigError("accounts: list at least one account")
     root.done()
-    return Config(identity=identity_cfg, imap=imap_cfg, token_path=token_path,
+    return Config(identity=identity_cfg, imap=imap_cfg, smtp=smtp_cfg, token_path=token_path,
                   accounts=tuple(accounts), limits=limits_cfg, source=source)
+
+
+def _listener(section: "_Section", listen: str, upstream: str, tls_modes: tuple[str, ...]) -> ListenerConfig:
+    name = section.prefix
+    upstream_address = section.address("upstream", upstream)
+    default_tls = "implicit" if upstream_address.port in (465, 993) or len(tls_modes) == 1 else "starttls"
+    config = ListenerConfig(
+        listen=section.address("listen", listen),
+        upstream=upstream_address,
+        ca_file=section.path("ca_file", must_exist=True),
+        allow_plaintext=section.boolean("allow_plaintext", False),
+        upstream_tls=section.choice("upstream_tls", default_tls, tls_modes),
+    )
+    if not config.listen.is_loopback and not config.allow_plaintext:
+        raise ConfigError(
+            f"{name}.listen: {config.listen} is not a loopback address; passwords would cross the "
+            f"network in clear. Listen on 127.0.0.1, or set {name}.allow_plaintext: true if you "
+            "really mean it")
+    section.done()
+    return config
 
 
 def parse_address(text: str, key: str) -> Address:
@@ -256,6 +270,14 @@ class _Section:
             return default
         if not isinstance(value, bool):
             raise ConfigError(f"{self._key(key)}: expected true or false, got {value!r}")
+        return value
+
+    def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
+        value = self._get(key, False)
+        if value is None:
+            return default
+        if value not in choices:
+            raise ConfigError(f"{self._key(key)}: expected one of {', '.join(choices)}, got {value!r}")
         return value
 
     def address(self, key: str, default: str) -> Address:

@@ -18,6 +18,9 @@ def test_defaults(tmp_path):
     config = parse(BASE, tmp_path)
     assert str(config.imap.listen) == "127.0.0.1:1143"
     assert str(config.imap.upstream) == "outlook.office365.com:993"
+    assert str(config.smtp.listen) == "127.0.0.1:1587"
+    assert (str(config.smtp.upstream), config.smtp.upstream_tls) == ("smtp.office365.com:587", "starttls")
+    assert parse({**BASE, "smtp": {"upstream": "mail.example:465"}}).smtp.upstream_tls == "implicit"
     assert config.token_path == tmp_path / "tokens"
     assert config.limits.login_timeout < 30
     assert "offline_access" in config.identity.scopes
@@ -46,6 +49,10 @@ def test_example_config_is_complete_apart_from_placeholders(tmp_path):
     ({"imap": {"upstream": "host"}}, "imap.upstream"),
     ({"imap": {"ca_file": "missing.pem"}}, "imap.ca_file"),
     ({"imap": {"lisen": "127.0.0.1:1"}}, "imap.lisen: unknown key"),
+    ({"smtp": {"listen": "10.1.2.3:25"}}, "smtp.listen"),
+    ({"smtp": {"upstream_tls": "ssl"}}, "smtp.upstream_tls"),
+    ({"smtp": {"listen": "127.0.0.1:1143"}}, "smtp.listen"),
+    ({"imap": {"upstream_tls": "starttls"}}, "imap.upstream_tls"),
     ({"accounts": []}, "accounts"),
     ({"accounts": [{"username": "a@b"}, {"username": "A@B"}]}, "accounts[1].username"),
     ({"accounts": [{"user": "a@b"}]}, "accounts[0].username: required"),

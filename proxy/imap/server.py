@@ -17,18 +17,14 @@ import time
 from ..config import Config
 from ..relay import Endpoint, pipe
 from ..throttle import FailureThrottle
-from ..tokens import LoginRefused, TokenBroker, TokenError
+from ..login import LoginFailed, Upstream, login
+from ..tokens import TokenBroker
 from . import upstream
 from .core import Close, ImapFront, Login, Send, StartTLS
 
 log = logging.getLogger("proxy.imap")
-MAX_BUFFERED_DURING_LOGIN = 256 * 1024
-
-
-class LoginFailed(Exception):
-    def __init__(self, code: str, text: str, password_wrong: bool = False):
-        super().__init__(text)
-        self.code, self.text, self.password_wrong = code, text, password_wrong
+_NO_CODES = {LoginFailed.CREDENTIALS: "AUTHENTICATIONFAILED", LoginFailed.REAUTHORIZE: "AUTHENTICATIONFAILED",
+             LoginFailed.REJECTED: "AUTHENTICATIONFAILED", LoginFailed.UNAVAILABLE: "UNAVAILABLE"}
 
 
 class ImapProxy:
@@ -40,6 +36,11 @@ class ImapProxy:
         self.throttle = throttle or FailureThrottle()
         self.server: asyncio.AbstractServer | None = None
         self.sessions: set[asyncio.Task] = set()
+        self._upstream = Upstream(
+            connect=lambda: upstream.connect(config.imap.upstream, upstream_tls),
+            authenticate=upstream.authenticate,
+            is_closed=lambda conn: conn.endpoint.is_closing,
+            close=lambda conn: conn.close())
 
     async def start(self) -> asyncio.AbstractServer:
         listen = self.config.imap.listen
@@ -103,66 +104,18 @@ class ImapProxy:
                      peer: str) -> upstream.Connection | list:
         """Log in; returns the upstream connection, or the core's events after a failure."""
         started = time.monotonic()
-        timeout = self.config.limits.login_timeout
         try:
-            try:
-                conn, caps = await asyncio.wait_for(self._authenticate(event, client), timeout)
-            except asyncio.TimeoutError:
-                raise LoginFailed("UNAVAILABLE", f"Login timed out after {timeout:.0f} s (identity provider "
-                                  "or upstream server not answering); try again later") from None
+            if event.authzid and event.authzid.casefold() != event.username.casefold():
+                raise LoginFailed(LoginFailed.CREDENTIALS, "Logging in on behalf of another user is not supported")
+            conn, caps, _ = await login(
+                self.broker, self.throttle, self._upstream, username=event.username, password=event.password,
+                source=peer.rsplit(":", 1)[0], timeout=self.config.limits.login_timeout, protocol="imap")
         except LoginFailed as failure:
-            elapsed = time.monotonic() - started
-            if failure.password_wrong:
-                self.throttle.failed(event.username.casefold(), peer.rsplit(":", 1)[0])
-                delay = self.throttle.delay(event.username.casefold(), peer.rsplit(":", 1)[0])
-                await asyncio.sleep(max(0.0, min(delay, timeout - elapsed - 0.5)))
-            log.info("imap %s login %s failed: %s", peer, event.username, failure.text)
-            return core.login_failed(failure.code, failure.text)
+            return core.login_failed(_NO_CODES[failure.kind], failure.text)
         self.throttle.succeeded(event.username.casefold())
         log.info("imap %s login %s ok (%.0f ms)", peer, event.username, (time.monotonic() - started) * 1000)
         client.write(core.login_succeeded(caps))
         return conn
-
-    async def _authenticate(self, event: Login, client: Endpoint):
-        if event.authzid and event.authzid.casefold() != event.username.casefold():
-            raise LoginFailed("AUTHORIZATIONFAILED", "Logging in on behalf of another user is not supported")
-        try:
-            state = await self.broker.authenticate(event.username, event.password)
-        except LoginRefused as exc:
-            raise LoginFailed("AUTHENTICATIONFAILED", str(exc).capitalize(), password_wrong=True) from None
-        except TokenError as exc:
-            raise _token_failure(exc) from None
-        mailbox = state.account.username
-        conn = await self._connect()
-        try:
-            for attempt in (1, 2):
-                try:
-                    token = await self.broker.access_token(state, self.config.limits.login_timeout)
-                except TokenError as exc:
-                    raise _token_failure(exc) from None
-                try:
-                    caps = await upstream.authenticate(conn, mailbox, token)
-                    return conn, caps
-                except upstream.TokenRejected as exc:
-                    if attempt == 2 or not self.broker.reject(state, token):
-                        raise LoginFailed("AUTHENTICATIONFAILED", (
-                            f"The mail server refused the access token ({exc}). Run `proxy authorize "
-                            f"{state.account.username}` again, and check that IMAP is enabled for {mailbox}"))
-                    log.info("upstream refused the token for %s; refreshing once and retrying", mailbox)
-                    if conn.endpoint.is_closing:
-                        conn.close()
-                        conn = await self._connect()
-                except upstream.UpstreamError as exc:
-                    raise LoginFailed("UNAVAILABLE", f"Mail server problem: {exc}") from None
-        except BaseException:
-            conn.close()
-            raise
-
-    async def _connect(self) -> upstream.Connection:
-        try:
-            return await upstream.connect(self.config.imap.upstream, self.upstream_tls)
-        except upstream.UpstreamError as exc:
-            raise LoginFailed("UNAVAILABLE", f"Mail server unreachable: {exc}") from None
 
     async def _relay(self, client: Endpoint, conn: upstream.Connection, core: ImapFront, peer: str,
                      account: str, started: float) -> None:
@@ -182,12 +135,6 @@ class ImapProxy:
         for task in list(self.sessions):
             task.cancel()
         await asyncio.gather(*self.sessions, return_exceptions=True)
-
-
-def _token_failure(exc: TokenError) -> LoginFailed:
-    if exc.reauthorize:
-        return LoginFailed("AUTHENTICATIONFAILED", str(exc))
-    return LoginFailed("UNAVAILABLE", f"Cannot get an access token: {exc}. Try again later")
 
 
 def _peername(ep: Endpoint) -> str:

@@ -13,6 +13,7 @@ import ssl
 from dataclasses import dataclass
 
 from ..config import Address
+from ..login import TokenRejected, UpstreamError
 from ..relay import ConnectionClosed, Endpoint, LineTooLong
 from ..sasl import parse_xoauth2_error, xoauth2_initial_response
 from ..tls import describe_tls_error
@@ -20,18 +21,6 @@ from ..tls import describe_tls_error
 MAX_RESPONSE = 64 * 1024
 _LITERAL = re.compile(rb"\{(\d{1,6})\+?\}\r?\n$")
 _CAPABILITY_CODE = re.compile(rb"\[CAPABILITY ([^\]\r\n]*)\]", re.IGNORECASE)
-
-
-class UpstreamError(Exception):
-    """The upstream server is unreachable or misbehaved (the client gets NO [UNAVAILABLE])."""
-
-
-class TokenRejected(Exception):
-    """The upstream server refused the access token."""
-
-    def __init__(self, text: str, details: dict | None = None):
-        super().__init__(text)
-        self.details = details or {}
 
 
 @dataclass

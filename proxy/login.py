@@ -1,0 +1,123 @@
+"""The login sequence shared by the IMAP and SMTP fronts.
+
+check the local password → get an access token → open the upstream connection →
+authenticate with XOAUTH2 → if the server refuses the token: drop it, refresh once, retry once.
+All within one deadline; failures come out as :class:`LoginFailed` with a kind the protocol
+front maps to its own reply (IMAP ``NO [...]``, SMTP ``535``/``454``) and a human text that
+names `proxy authorize` where re-authorization is the fix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Awaitable, Callable, Generic, TypeVar
+
+from .throttle import FailureThrottle
+from .tokens import AccountState, LoginRefused, TokenBroker, TokenError
+
+log = logging.getLogger("proxy.login")
+C = TypeVar("C")  # an upstream connection
+
+
+class UpstreamError(Exception):
+    """The upstream server is unreachable or misbehaved."""
+
+
+class TokenRejected(Exception):
+    """The upstream server refused the access token."""
+
+    def __init__(self, text: str, details: dict | None = None):
+        super().__init__(text)
+        self.details = details or {}
+
+
+class LoginFailed(Exception):
+    """A login that did not succeed. ``kind`` is one of the class constants."""
+
+    CREDENTIALS = "credentials"    # unknown user or wrong local password
+    REAUTHORIZE = "reauthorize"    # the stored authorization is missing or dead
+    REJECTED = "rejected"          # the upstream refused even a fresh token
+    UNAVAILABLE = "unavailable"    # identity provider or upstream unreachable, or timed out
+
+    def __init__(self, kind: str, text: str):
+        super().__init__(text)
+        self.kind, self.text = kind, text
+
+
+class Upstream(Generic[C]):
+    """What a protocol supplies: how to connect, authenticate and close."""
+
+    def __init__(self, connect: Callable[[], Awaitable[C]],
+                 authenticate: Callable[[C, str, str], Awaitable[object]],
+                 is_closed: Callable[[C], bool], close: Callable[[C], None]):
+        self.connect, self.authenticate, self.is_closed, self.close = connect, authenticate, is_closed, close
+
+
+async def login(broker: TokenBroker, throttle: FailureThrottle, upstream: Upstream[C], *, username: str,
+                password: str, source: str, timeout: float, protocol: str) -> tuple[C, object, AccountState]:
+    """Run the whole login; returns (connection, authenticate's result, account state)."""
+    started = time.monotonic()
+    try:
+        try:
+            return await asyncio.wait_for(_login(broker, upstream, username, password, timeout), timeout)
+        except asyncio.TimeoutError:
+            raise LoginFailed(LoginFailed.UNAVAILABLE, f"Login timed out after {timeout:.0f} s (identity "
+                              "provider or mail server not answering); try again later") from None
+    except LoginFailed as failure:
+        if failure.kind == LoginFailed.CREDENTIALS:
+            throttle.failed(username.casefold(), source)
+            delay = throttle.delay(username.casefold(), source)
+            await asyncio.sleep(max(0.0, min(delay, timeout - (time.monotonic() - started) - 0.5)))
+        log.info("%s %s login %s failed: %s", protocol, source, username, failure.text)
+        raise
+
+
+async def _login(broker: TokenBroker, upstream: Upstream[C], username: str, password: str,
+                 timeout: float) -> tuple[C, object, AccountState]:
+    try:
+        state = await broker.authenticate(username, password)
+    except LoginRefused as exc:
+        raise LoginFailed(LoginFailed.CREDENTIALS, str(exc).capitalize()) from None
+    except TokenError as exc:
+        raise token_failure(exc) from None
+    mailbox = state.account.username
+    conn = await _connect(upstream)
+    try:
+        for attempt in (1, 2):
+            try:
+                token = await broker.access_token(state, timeout)
+            except TokenError as exc:
+                raise token_failure(exc) from None
+            try:
+                return conn, await upstream.authenticate(conn, mailbox, token), state
+            except TokenRejected as exc:
+                if attempt == 2 or not broker.reject(state, token):
+                    raise LoginFailed(LoginFailed.REJECTED, (
+                        f"The mail server refused the access token ({exc}). If this persists, run "
+                        f"`proxy authorize {state.account.username}` again and check that the mailbox "
+                        f"{mailbox} allows this protocol")) from None
+                log.info("upstream refused the token for %s; refreshing once and retrying", mailbox)
+                if upstream.is_closed(conn):
+                    upstream.close(conn)
+                    conn = await _connect(upstream)
+            except UpstreamError as exc:
+                raise LoginFailed(LoginFailed.UNAVAILABLE, f"Mail server problem: {exc}") from None
+    except BaseException:
+        upstream.close(conn)
+        raise
+    raise AssertionError("unreachable")
+
+
+async def _connect(upstream: Upstream[C]) -> C:
+    try:
+        return await upstream.connect()
+    except UpstreamError as exc:
+        raise LoginFailed(LoginFailed.UNAVAILABLE, f"Mail server unreachable: {exc}") from None
+
+
+def token_failure(exc: TokenError) -> LoginFailed:
+    if exc.reauthorize:
+        return LoginFailed(LoginFailed.REAUTHORIZE, str(exc))
+    return LoginFailed(LoginFailed.UNAVAILABLE, f"Cannot get an access token: {exc}. Try again later")

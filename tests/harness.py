@@ -1,0 +1,213 @@
+"""Helpers for end-to-end tests: write a config, run `proxy authorize` and `proxy serve` for real.
+
+The proxy runs as a subprocess through its real entry point (`python -m proxy`), so these
+tests exercise exactly what a user runs. Logs go to a file that tests inspect (for example to
+check that no secret ever reaches them).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+FAKE_BROWSER = ROOT / "tests" / "fake_browser.py"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def wait_port(host: str, port: int, timeout: float = 15.0, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"process exited with {process.returncode} before listening on {port}")
+        try:
+            socket.create_connection((host, port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {host}:{port}")
+
+
+def write_config(directory: Path, *, idp, pki, dovecot, accounts: list[str | dict], **sections) -> Path:
+    """A config.yaml pointing at the test identity provider and Dovecot; returns its path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    data = {
+        "identity": {"authority": idp.authority(), "client_id": idp.client_id, "ca_file": str(pki.ca_file),
+                     "timeout": 5},
+        "imap": {"listen": f"127.0.0.1:{free_port()}", "upstream": f"127.0.0.1:{dovecot.imap_port}",
+                 "ca_file": str(pki.ca_file)},
+        "smtp": {"listen": f"127.0.0.1:{free_port()}",
+                 "upstream": f"{dovecot.submission_host}:{dovecot.submission_port}", "ca_file": str(pki.ca_file)},
+        "tokens": {"path": "tokens"},
+        "accounts": [a if isinstance(a, dict) else {"username": a} for a in accounts],
+    }
+    for key, value in sections.items():
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
+    path = directory / "config.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def listen_port(config_path: Path, section: str = "imap") -> int:
+    data = yaml.safe_load(config_path.read_text())
+    return int(data[section]["listen"].rsplit(":", 1)[1])
+
+
+def proxy_env(pki, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "BROWSER": f"{sys.executable} {FAKE_BROWSER} %s",
+        "FAKE_BROWSER_CA": str(pki.ca_file),
+        "PYTHONUNBUFFERED": "1",
+    })
+    env.update(extra)
+    return env
+
+
+def authorize(config_path: Path, user: str, password: str, pki, *, timeout: float = 20,
+              extra_args: tuple[str, ...] = (), env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `proxy authorize USER --password-stdin` with the fake browser as $BROWSER."""
+    browser_log = config_path.parent / "browser.log"
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", "-c", str(config_path), "authorize", user, "--password-stdin",
+         "--timeout", str(timeout), *extra_args],
+        input=password + "\n", capture_output=True, text=True, timeout=timeout + 30, cwd=ROOT,
+        env=env or proxy_env(pki, FAKE_BROWSER_LOG=str(browser_log)))
+
+
+class ProxyProcess:
+    """`proxy serve` in a subprocess, logging at DEBUG to a file."""
+
+    def __init__(self, config_path: Path, pki, *, log_level: str = "DEBUG", args: tuple[str, ...] = ()):
+        self.config_path = config_path
+        self.log_path = config_path.parent / f"proxy-{time.monotonic_ns()}.log"
+        self._log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "-c", str(config_path), "--log-level", log_level, *args, "serve"],
+            stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT, env=proxy_env(pki))
+        self.imap_port = listen_port(config_path, "imap")
+        self.smtp_port = listen_port(config_path, "smtp")
+        try:
+            wait_port("127.0.0.1", self.imap_port, process=self.process)
+        except Exception:
+            self.stop()
+            raise RuntimeError(f"proxy did not start:\n{self.log_text()}") from None
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log_text(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def stop(self, timeout: float = 10) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        return self.process.returncode
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class TcpForwarder:
+    """A TCP forwarder to ``target`` that a test can cut (connection refused) and restore.
+
+    Lets a test take the identity provider away from the proxy only: Dovecot keeps reaching
+    it directly for introspection, as Microsoft's servers would.
+    """
+
+    def __init__(self, target_host: str, target_port: int, host: str = "127.0.0.1"):
+        self.target = (target_host, target_port)
+        self.host, self.port = host, free_port(host)
+        self._listener: socket.socket | None = None
+        self._connections: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self.start()
+
+    def start(self) -> None:
+        if self._listener is not None:
+            return
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((self.host, self.port))
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def stop(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            try:
+                listener.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
+            except OSError:
+                pass
+            listener.close()
+        with self._lock:
+            for conn in self._connections:
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                conn.close()
+            self._connections.clear()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            with self._lock:
+                self._connections += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
