@@ -34,6 +34,10 @@ log = logging.getLogger("proxy.tokens")
 # msal error codes after which only a new browser sign-in helps.
 REAUTHORIZE_ERRORS = frozenset({"invalid_grant", "interaction_required", "consent_required", "login_required"})
 MIN_FORCED_REFRESH_INTERVAL = 30.0
+# After a failed refresh, a login may try again after at most this long (the background task
+# backs off exponentially up to MAX_BACKOFF); msal itself honours Retry-After on 429/5xx.
+LOGIN_RETRY_INTERVAL = 5.0
+MAX_BACKOFF = 60.0
 
 
 class TokenError(Exception):
@@ -119,7 +123,7 @@ class AccountState:
     last_forced: float = 0.0
     last_refresh: float | None = None
     last_error: str | None = None
-    next_attempt: float = 0.0  # no refresh before this time (backoff after a failure)
+    failed_at: float = 0.0  # time of the last failed refresh (0: the last one succeeded)
     backoff: float = 0.0
     dead: str | None = None  # reason the refresh token is unusable (needs `proxy authorize`)
     refreshing: asyncio.Task | None = None
@@ -183,11 +187,11 @@ class TokenBroker:
             if state.expires_at - now < state.refresh_margin:
                 self._start_refresh(state)  # ahead of expiry, without making this login wait
             return token
-        task = self._start_refresh(state)
+        task = self._start_refresh(state, eager=True)
         if task is None:
+            wait = state.failed_at + min(state.backoff, LOGIN_RETRY_INTERVAL) - now
             raise TokenError(f"no valid token, and the last refresh failed ({state.last_error}); "
-                             f"retrying in {state.next_attempt - now:.0f} s",
-                             retry_after=state.next_attempt - now)
+                             f"retrying in {wait:.0f} s", retry_after=wait)
         try:
             return await asyncio.wait_for(asyncio.shield(task), timeout)
         except asyncio.TimeoutError:
@@ -250,10 +254,14 @@ class TokenBroker:
             state.refresher = asyncio.get_running_loop().create_task(self._keep_fresh(state))
 
     # -- refreshing ---------------------------------------------------------------------
-    def _start_refresh(self, state: AccountState) -> asyncio.Task | None:
-        """The running refresh, or a new one; None while backing off after a failure."""
+    def _start_refresh(self, state: AccountState, eager: bool = False) -> asyncio.Task | None:
+        """The running refresh, or a new one; None while backing off after a failure.
+
+        ``eager`` (a login is waiting) shortens the backoff to LOGIN_RETRY_INTERVAL.
+        """
         if state.refreshing is None or state.refreshing.done():
-            if time.time() < state.next_attempt:
+            pause = min(state.backoff, LOGIN_RETRY_INTERVAL) if eager else state.backoff
+            if time.time() < state.failed_at + pause:
                 return None
             state.refreshing = asyncio.get_running_loop().create_task(self._refresh(state))
             state.refreshing.add_done_callback(_consume_exception)
@@ -271,8 +279,8 @@ class TokenBroker:
                 log.warning("account %s: refresh token rejected (%s); needs `proxy authorize`", name, exc)
                 await self._persist(state, status="needs_authorization")
                 raise TokenError(state.dead, reauthorize=True) from None
-            state.backoff = min(max(2 * state.backoff, 2.0), 60.0)
-            state.next_attempt = time.time() + state.backoff
+            state.backoff = min(max(2 * state.backoff, 2.0), MAX_BACKOFF)
+            state.failed_at = time.time()
             log.warning("account %s: token refresh failed (%s); next attempt in %.0f s", name, exc, state.backoff)
             raise
         token = result["access_token"]
@@ -283,7 +291,7 @@ class TokenBroker:
         state.access_token, state.lifetime = token, max(1.0, lifetime)
         state.expires_at, state.obtained_at = started + lifetime, started
         state.last_refresh, state.last_error = time.time(), None
-        state.backoff, state.next_attempt = 0.0, 0.0
+        state.backoff, state.failed_at = 0.0, 0.0
         log.info("account %s: access token refreshed (valid %.0f s)", name, lifetime)
         await self._persist(state)
         return token
@@ -302,8 +310,10 @@ class TokenBroker:
                 identity.msal_scopes, account=accounts[0], force_refresh=True)
         except TokenError:
             raise
-        except (requests.RequestException, OSError, ValueError) as exc:
+        except (requests.RequestException, OSError) as exc:
             raise TokenError(f"identity provider unreachable ({exc.__class__.__name__})") from None
+        except Exception as exc:  # msal raises MsalServiceError on HTTP 5xx, ValueError on bad metadata
+            raise TokenError(f"identity provider error ({exc.__class__.__name__}: {str(exc)[:120]})") from None
         if result is None:
             raise TokenError("no refresh token stored", reauthorize=True)
         if "access_token" not in result:
@@ -332,7 +342,7 @@ class TokenBroker:
         """Background task: refresh ahead of expiry; back off on failures (honouring Retry-After)."""
         while not self._closed and not state.dead:
             now = time.time()
-            due = max(state.expires_at - state.refresh_margin, state.next_attempt) - now
+            due = max(state.expires_at - state.refresh_margin, state.failed_at + state.backoff) - now
             if due > 0:
                 await asyncio.sleep(min(due, 60.0))  # re-check the wall clock (laptops sleep)
                 continue

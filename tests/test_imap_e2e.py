@@ -77,7 +77,7 @@ def user(prefix: str) -> str:
 
 
 def issued_secrets(idp) -> list[str]:
-    return [*idp._access, *idp._refresh]
+    return idp.issued_tokens()
 
 
 def assert_no_secrets(text: str, idp, *passwords: str) -> None:
@@ -346,6 +346,41 @@ def test_identity_provider_down_or_hanging(bridge_factory, idp_reset):
                 time.sleep(1)
     finally:
         link.stop()
+
+
+@pytest.mark.parametrize("fault, recovery", [("429", 30), ("503", 30),
+                                             ("500", 80)])  # no Retry-After: msal pauses 60 s itself
+def test_provider_errors_fail_fast_and_back_off(bridge_factory, idp_reset, fault, recovery):
+    pat = user("pat")
+    idp_reset.set_access_token_lifetime(3)
+    bridge = bridge_factory(pat)
+    bridge.authorize(pat)
+    time.sleep(4)                                    # the stored token has expired
+    bridge.start()
+    idp_reset.set_fault(fault, retry_after=3)      # msal honours Retry-After itself
+    idp_reset.reset_counters()
+    for _ in range(8):                               # a client retrying in a loop
+        imap = bridge.imap()
+        started = time.monotonic()
+        with pytest.raises(imaplib.IMAP4.error) as info:
+            imap.login(pat, PASSWORD)
+        assert "UNAVAILABLE" in str(info.value) and time.monotonic() - started < 5
+        imap.shutdown()
+        time.sleep(0.25)
+    assert idp_reset.count("token:refresh_token") <= 3    # backed off, not one request per login (8 tried)
+    idp_reset.clear_faults()
+    deadline = time.monotonic() + recovery
+    while True:                                      # comes back by itself
+        imap = bridge.imap()
+        try:
+            imap.login(pat, PASSWORD)
+            imap.logout()
+            break
+        except imaplib.IMAP4.error:
+            imap.shutdown()
+            assert time.monotonic() < deadline
+            time.sleep(1)
+    assert_no_secrets(bridge.proxy.log_text(), idp_reset, PASSWORD)
 
 
 def test_upstream_that_never_answers_gets_unavailable_within_deadline(bridge_factory, tmp_path):
