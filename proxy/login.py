@@ -74,6 +74,22 @@ async def login(broker: TokenBroker, throttle: FailureThrottle, upstream: Upstre
         raise
 
 
+async def relogin(broker: TokenBroker, upstream: Upstream[C], state: AccountState, *, timeout: float,
+                  protocol: str) -> tuple[C, object]:
+    """Open a new upstream session for an account whose client already logged in.
+
+    Used when an upstream connection is lost mid-session, so a front never has to keep the
+    client's password in memory.
+    """
+    try:
+        return await asyncio.wait_for(_upstream_login(broker, upstream, state, timeout), timeout)
+    except asyncio.TimeoutError:
+        raise LoginFailed(LoginFailed.UNAVAILABLE, f"Reconnecting timed out after {timeout:.0f} s") from None
+    except LoginFailed as failure:
+        log.info("%s re-login %s failed: %s", protocol, state.account.username, failure.text)
+        raise
+
+
 async def _login(broker: TokenBroker, upstream: Upstream[C], username: str, password: str,
                  timeout: float) -> tuple[C, object, AccountState]:
     try:
@@ -82,6 +98,11 @@ async def _login(broker: TokenBroker, upstream: Upstream[C], username: str, pass
         raise LoginFailed(LoginFailed.CREDENTIALS, str(exc).capitalize()) from None
     except TokenError as exc:
         raise token_failure(exc) from None
+    return (*await _upstream_login(broker, upstream, state, timeout), state)
+
+
+async def _upstream_login(broker: TokenBroker, upstream: Upstream[C], state: AccountState,
+                          timeout: float) -> tuple[C, object]:
     mailbox = state.account.username
     conn = await _connect(upstream)
     try:
@@ -91,7 +112,7 @@ async def _login(broker: TokenBroker, upstream: Upstream[C], username: str, pass
             except TokenError as exc:
                 raise token_failure(exc) from None
             try:
-                return conn, await upstream.authenticate(conn, mailbox, token), state
+                return conn, await upstream.authenticate(conn, mailbox, token)
             except TokenRejected as exc:
                 if attempt == 2 or not broker.reject(state, token):
                     raise LoginFailed(LoginFailed.REJECTED, (

@@ -82,5 +82,6 @@ def setup_logging(level: str = "INFO", fmt: str = "text", stream=None) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
-    for noisy in ("msal", "urllib3", "requests", "asyncio"):
+    # aiosmtpd's "mail.log" logs commands, and message lines at DEBUG.
+    for noisy in ("msal", "urllib3", "requests", "asyncio", "mail.log"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

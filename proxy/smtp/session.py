@@ -1,0 +1,320 @@
+"""One client connection: aiosmtpd's SMTP protocol turned into a relay to the user's upstream session.
+
+Before AUTH only EHLO/HELO, AUTH, NOOP, RSET and QUIT work; MAIL, RCPT, DATA (and HELP,
+VRFY) get ``530 5.7.0``. AUTH PLAIN and AUTH LOGIN run the shared login sequence
+(:func:`proxy.login.login`: local password, access token, upstream connection, XOAUTH2).
+Afterwards MAIL, RCPT, DATA, RSET and NOOP are relayed to that connection and the client gets
+the upstream's own replies. MAIL/RCPT arguments are relayed byte for byte, so every parameter
+the upstream supports passes (aiosmtpd would refuse DSN's with 555 and upper-case the rest).
+
+Guarantees:
+
+- the end of DATA gets 250 only after the upstream's 250 for that very message;
+- if the upstream connection breaks, times out or says 421 during a transaction, the client
+  gets ``451 4.4.2`` for it and for the rest of it (pipelined RCPTs, DATA); the connection is
+  dropped and the next MAIL logs in again (``421`` and close if that fails). A MAIL that finds
+  an idle connection gone is retried once on a new one: nothing was in flight;
+- the body reaches the upstream unchanged (:func:`~proxy.smtp.wire.dot_stuff`);
+- the proxy's upstream deadlines are shorter than aiosmtpd's per-command timer, so a slow
+  upstream gets the client a 4xx reply, never a silently dropped connection.
+
+aiosmtpd private API used here (the dependency is pinned below 2.0): ``_reader``,
+``_reset_timeout``, ``_set_rset_state``, ``_strip_command_keyword``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from typing import TYPE_CHECKING, Awaitable
+
+from aiosmtpd.smtp import SMTP, Envelope, syntax
+
+from ..login import LoginFailed, UpstreamError, relogin
+from ..tokens import AccountState
+from .auth import SaslAuthMixin
+from .upstream import Connection
+from .wire import AUTH_REQUIRED, MAX_MESSAGE_SIZE, Reply, advertised_size, data_size_limit, local_extensions, one_line
+
+if TYPE_CHECKING:
+    from .server import SmtpProxy
+
+log = logging.getLogger("proxy.smtp")
+LOST = "451 4.4.2 The connection to the mail server failed; please try again"
+_LINE_LIMIT = 256 * 1024  # longest command or message line accepted (RFC 5321 says 1,000; clients exceed it)
+
+
+class _Hooks:
+    """aiosmtpd's handler hooks; everything per connection lives on :class:`ProxySMTP`."""
+
+    async def handle_DATA(self, server: ProxySMTP, session: object, envelope: Envelope) -> bytes:  # noqa: N802
+        return await server.relay_message(envelope)
+
+    async def handle_QUIT(self, server: ProxySMTP, session: object, envelope: Envelope) -> str:  # noqa: N802
+        return "221 2.0.0 Bye"
+
+
+class ProxySMTP(SaslAuthMixin, SMTP):
+    line_length_limit = _LINE_LIMIT
+
+    def __init__(self, proxy: SmtpProxy):
+        super().__init__(_Hooks(), hostname=proxy.hostname, ident="oauth2-mail-proxy ESMTP",
+                         timeout=proxy.timeouts.command(proxy.config.limits.login_timeout),
+                         data_size_limit=data_size_limit(MAX_MESSAGE_SIZE), enable_SMTPUTF8=True,
+                         decode_data=False, auth_require_tls=False, loop=asyncio.get_running_loop())
+        # aiosmtpd's limits dict is shared by all its instances; keep our own. Room for DSN
+        # parameters (RFC 3461: +100 MAIL, +500 RCPT) and AUTH lines (RFC 4954: 12,288).
+        self.command_size_limits = collections.defaultdict(
+            lambda: SMTP.command_size_limit, {"MAIL": 2048, "RCPT": 2048, "AUTH": 12288})
+        self.proxy = proxy
+        self.upstream: Connection | None = None
+        self.user: str | None = None
+        self.account: AccountState | None = None  # to log in upstream again if the connection is lost
+        self._broken: str | None = None     # the reply for the rest of a transaction that lost its upstream
+        self._in_transaction = False        # the upstream accepted a MAIL whose transaction is still open
+        self._sent = self._failed = 0
+        self._started = time.monotonic()
+        self._preauth: asyncio.TimerHandle | None = None
+        self.closed: asyncio.Future = self.loop.create_future()
+
+    # -- connection ---------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._preauth = self.loop.call_later(self.proxy.config.limits.preauth_timeout, self._preauth_expired)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        super().connection_lost(error)
+        if self._preauth is not None:
+            self._preauth.cancel()
+        self._drop_upstream()
+        if not self.closed.done():
+            self.closed.set_result(None)
+        log.info("smtp %s session end: user %s, %d message(s) sent, %d failed, %.1f s", self.peer,
+                 self.user or "-", self._sent, self._failed, time.monotonic() - self._started)
+
+    @property
+    def peer(self) -> str:
+        peer = self.session.peer if self.session is not None else None
+        return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?"
+
+    def _preauth_expired(self) -> None:
+        if self.transport is not None and not self.session.authenticated:
+            self.transport.write(b"421 4.4.2 No authentication within the time allowed; closing\r\n")
+            self.transport.close()
+
+    def shutdown(self) -> None:
+        """The proxy is stopping: say so and close."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(b"421 4.3.2 The proxy is shutting down; please try again later\r\n")
+            self.transport.close()
+
+    async def handle_exception(self, error: Exception) -> str:
+        """A bug must not leave an upstream transaction half done: drop it, answer 451."""
+        log.error("smtp %s: internal error", self.peer, exc_info=error)
+        self._lose("internal error in the proxy")
+        return "451 4.3.0 Internal error in the proxy; please try again"
+
+    async def check_auth_needed(self, caller_method: str) -> bool:
+        if not self.session.authenticated:
+            await self.push(AUTH_REQUIRED)
+            return True
+        return False
+
+    def _logged_in(self, username: str, account: AccountState, conn: Connection) -> None:
+        """Called by the AUTH mechanisms after a successful login."""
+        if self._preauth is not None:
+            self._preauth.cancel()
+        self.user, self.account = username, account
+        self._adopt(conn)
+
+    # -- session commands ---------------------------------------------------------------
+    @syntax("EHLO hostname")
+    async def smtp_EHLO(self, hostname: str) -> None:  # noqa: N802
+        if not hostname:
+            await self.push("501 5.5.4 Syntax: EHLO hostname")
+            return
+        extensions = self.upstream.extensions if self.upstream else await self.proxy.extensions.get()
+        await self._end_transaction()  # EHLO resets like RSET (RFC 5321 4.1.4)
+        self.session.extended_smtp, self.session.host_name = True, hostname
+        self.data_size_limit = data_size_limit(advertised_size(extensions))
+        lines = [self.hostname, *local_extensions(extensions)]
+        await self.push("\r\n".join(f"250-{line}" for line in lines[:-1]) + f"\r\n250 {lines[-1]}")
+
+    @syntax("HELO hostname")
+    async def smtp_HELO(self, hostname: str) -> None:  # noqa: N802
+        await self._end_transaction()
+        await super().smtp_HELO(hostname)
+
+    @syntax("RSET")
+    async def smtp_RSET(self, arg: str) -> None:  # noqa: N802
+        if arg:
+            await self.push("501 5.5.4 Syntax: RSET")
+            return
+        self._set_rset_state()
+        self._in_transaction = False
+        reply = await self._relay_quietly(b"RSET")
+        self._broken = None
+        await self.push(reply.wire() if reply else "250 2.0.0 OK")
+
+    @syntax("NOOP [ignored]")
+    async def smtp_NOOP(self, arg: str) -> None:  # noqa: N802
+        reply = await self._relay_quietly(b"NOOP")
+        await self.push(reply.wire() if reply else "250 2.0.0 OK")
+
+    @syntax("QUIT")
+    async def smtp_QUIT(self, arg: str) -> None:  # noqa: N802
+        if not arg:
+            self._drop_upstream()
+        await super().smtp_QUIT(arg)
+
+    # -- the mail transaction -----------------------------------------------------------
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str | None) -> None:  # noqa: N802
+        if await self.check_helo_needed() or await self.check_auth_needed("MAIL"):
+            return
+        if arg is None or self._strip_command_keyword("FROM:", arg) is None:
+            await self.push("501 5.5.4 Syntax: MAIL FROM:<address> [parameters]")
+            return
+        if self.envelope.mail_from is not None:
+            await self.push("503 5.5.1 Error: nested MAIL command")
+            return
+        self._broken = None
+        reply = await self._start_transaction(b"MAIL " + _raw(arg))
+        if reply is None:
+            return  # the session was closed with 421
+        if reply.code // 100 == 2:
+            self.envelope.mail_from, self._in_transaction = arg, True
+        await self.push(reply.wire())
+
+    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_RCPT(self, arg: str | None) -> None:  # noqa: N802
+        if await self.check_helo_needed() or await self.check_auth_needed("RCPT"):
+            return
+        if self._broken:
+            await self.push(self._broken)
+        elif not self.envelope.mail_from or self.upstream is None:
+            await self.push("503 5.5.1 Error: need MAIL command")
+        elif arg is None or self._strip_command_keyword("TO:", arg) is None:
+            await self.push("501 5.5.4 Syntax: RCPT TO:<address> [parameters]")
+        else:
+            reply = await self._step(self.upstream.command(b"RCPT " + _raw(arg), self.proxy.timeouts.reply))
+            if reply.code // 100 == 2:
+                self.envelope.rcpt_tos.append(arg)
+            await self.push(reply.wire())
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:  # noqa: N802
+        if self._broken and self.session.authenticated and self.session.host_name:
+            await self.push(self._broken)
+            return
+        await super().smtp_DATA(arg)  # reads the message, then calls relay_message
+        if self._in_transaction and self.envelope.mail_from is None:
+            # aiosmtpd ended the transaction without relaying (message too large, line too long)
+            self._in_transaction = False
+            await self._relay_quietly(b"RSET")
+
+    async def relay_message(self, envelope: Envelope) -> bytes:
+        """Send one message upstream; the reply to give the client for its end of DATA."""
+        content = envelope.original_content or b""
+        started = time.monotonic()
+        timeouts = self.proxy.timeouts
+        # The client now waits for the upstream, which has its own (shorter) deadlines.
+        self._reset_timeout(timeouts.reply + timeouts.final + 30)
+        try:
+            if self.upstream is None:
+                reply = self._lose("no connection")
+            else:
+                reply = await self._step(self.upstream.command(b"DATA", timeouts.reply))
+            if reply.code == 354 and self.upstream is not None:
+                reply = await self._step(self.upstream.send_message(content, timeouts.final))
+                self._in_transaction = False
+        finally:
+            if self.transport is not None:  # (after a disconnect, no timer must be left behind)
+                self._reset_timeout()
+        if reply.code == 250:
+            self._sent += 1
+        else:
+            self._failed += 1
+        log.info("smtp %s user %s message: %d bytes, %d recipient(s), upstream reply %d (%.0f ms)", self.peer,
+                 self.user, len(content), len(envelope.rcpt_tos), reply.code, (time.monotonic() - started) * 1000)
+        return reply.wire()
+
+    # -- upstream helpers ---------------------------------------------------------------
+    async def _start_transaction(self, line: bytes) -> Reply | None:
+        """Relay a MAIL; a connection found dead (idle timeout, 421) is replaced once."""
+        reused = self.upstream is not None and not self.upstream.is_closed
+        while True:
+            if not reused and not await self._reconnect():
+                return None
+            try:
+                reply = await self.upstream.command(line, self.proxy.timeouts.reply)
+                if reply.code != 421:
+                    return reply
+                reason = f"it answered {reply.code} {reply.text}"
+            except UpstreamError as exc:
+                reason = str(exc)
+            if not reused:
+                return self._lose(reason)
+            log.info("smtp %s user %s: mail server connection gone (%s); reconnecting", self.peer, self.user, reason)
+            reused = False
+
+    async def _reconnect(self) -> bool:
+        """Log in upstream again for the session's account; on failure answer 421 and close."""
+        self._drop_upstream()
+        try:
+            conn, _ = await relogin(self.proxy.broker, self.proxy.login_upstream, self.account,
+                                    timeout=self.proxy.config.limits.login_timeout, protocol="smtp")
+        except LoginFailed as failure:
+            await self.push(f"421 4.4.2 {one_line(failure.text)}")
+            if self.transport is not None:
+                self.transport.close()
+            return False
+        self._adopt(conn)
+        return True
+
+    async def _step(self, exchange: Awaitable[Reply]) -> Reply:
+        """One upstream exchange; a failure or a 421 ends the connection and the transaction (451)."""
+        try:
+            reply = await exchange
+        except UpstreamError as exc:
+            return self._lose(str(exc))
+        return self._lose(f"it answered {reply.code} {reply.text}") if reply.code == 421 else reply
+
+    async def _relay_quietly(self, line: bytes) -> Reply | None:
+        """Relay RSET or NOOP if there is an upstream connection; None if there is none (any more)."""
+        if self.upstream is None:
+            return None
+        reply = await self._step(self.upstream.command(line, self.proxy.timeouts.reply))
+        return reply if self.upstream is not None else None
+
+    async def _end_transaction(self) -> None:
+        self._set_rset_state()
+        self._broken = None
+        if self._in_transaction:
+            self._in_transaction = False
+            await self._relay_quietly(b"RSET")
+
+    def _lose(self, reason: str) -> Reply:
+        if self.upstream is not None:
+            log.warning("smtp %s user %s: mail server connection failed (%s)", self.peer, self.user, reason)
+        self._drop_upstream(polite=False)
+        self._in_transaction = False
+        self._set_rset_state()  # so a new MAIL is not taken for a nested one
+        self._broken = LOST
+        return Reply.of(LOST)
+
+    def _adopt(self, conn: Connection) -> None:
+        self.upstream = conn
+        self.proxy.extensions.update(conn.extensions)
+
+    def _drop_upstream(self, polite: bool = True) -> None:
+        conn, self.upstream = self.upstream, None
+        if conn is not None:
+            conn.quit() if polite and not self._in_transaction else conn.abort()
+
+
+def _raw(arg: str) -> bytes:
+    """A command argument as the client sent it (aiosmtpd decoded it with surrogateescape)."""
+    return arg.encode("utf-8", "surrogateescape")

@@ -1,0 +1,187 @@
+"""The proxy as a client of the upstream submission server (RFC 5321, STARTTLS RFC 3207, AUTH RFC 4954).
+
+:func:`connect` opens a verified TLS session (STARTTLS on 587, or implicit TLS on 465) and
+learns the server's EHLO keywords; :func:`authenticate` logs in with SASL XOAUTH2, always in
+two steps (``AUTH XOAUTH2``, ``334``, then the token line): Dovecot refuses long AUTH lines
+and Microsoft's tokens can exceed 4,096 characters. A refused token is answered the way
+both Microsoft (direct ``535``) and Dovecot/Google (a ``334`` JSON error challenge that needs
+an empty line, then ``535``) do it. Nothing here logs; no exception text contains a token.
+
+Any :class:`~proxy.login.UpstreamError` leaves the connection unusable: the caller aborts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from dataclasses import dataclass, field
+
+from ..config import Address
+from ..login import TokenRejected, UpstreamError
+from ..relay import WRITE_HIGH_WATER, ConnectionClosed, Endpoint, LineTooLong
+from ..sasl import SaslError, parse_xoauth2_error, xoauth2_initial_response
+from ..tls import describe_tls_error
+from .wire import MAX_REPLY_LINE, MAX_REPLY_LINES, Reply, dot_stuff, parse_ehlo, parse_reply_line
+
+
+@dataclass
+class Connection:
+    """An open upstream session and the EHLO keywords it announced (after TLS)."""
+
+    endpoint: Endpoint
+    address: Address
+    extensions: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def is_closed(self) -> bool:
+        return self.endpoint.is_closing or self.endpoint.at_eof
+
+    async def command(self, line: bytes, timeout: float | None) -> Reply:
+        """Send one command line and return the reply (UpstreamError if none within ``timeout``)."""
+        self.endpoint.write(line + b"\r\n")
+        return await self.reply(timeout)
+
+    async def reply(self, timeout: float | None) -> Reply:
+        try:
+            return await asyncio.wait_for(read_reply(self.endpoint), timeout)
+        except asyncio.TimeoutError:
+            raise UpstreamError(f"no answer from {self.address} within {timeout:.0f} s") from None
+
+    async def send_message(self, content: bytes, timeout: float) -> Reply:
+        """After a 354: send the dot-stuffed ``content`` and the final dot; return the final reply."""
+        async def send() -> Reply:
+            for piece in dot_stuff(content):
+                if self.endpoint.is_closing:
+                    raise UpstreamError(f"{self.address} closed the connection during the message")
+                self.endpoint.write(piece)
+                await self.endpoint.drain()
+            return await read_reply(self.endpoint)
+        try:
+            return await asyncio.wait_for(send(), timeout)
+        except asyncio.TimeoutError:
+            raise UpstreamError(f"{self.address} did not accept the message within {timeout:.0f} s") from None
+
+    def quit(self, grace: float = 2.0) -> None:
+        """End the session politely without waiting: the server answers 221 and closes the
+        connection itself; if it has not within ``grace`` seconds, it is dropped."""
+        if self.endpoint.is_closing:
+            return
+        self.endpoint.write(b"QUIT\r\n")
+        asyncio.get_running_loop().call_later(grace, self.endpoint.abort)
+
+    def abort(self) -> None:
+        """Drop the connection at once (an unfinished message is discarded by the server)."""
+        self.endpoint.abort()
+
+
+async def connect(address: Address, tls_mode: str, context: ssl.SSLContext, local_name: str) -> Connection:
+    """TCP, greeting, EHLO, STARTTLS (certificate and host name verified), EHLO again.
+
+    With ``tls_mode == "implicit"`` TLS starts right away (port 465). Never falls back to
+    plain text. Bounded by the caller's deadline (login or probe).
+    """
+    loop = asyncio.get_running_loop()
+    implicit = tls_mode == "implicit"
+    try:
+        _, endpoint = await loop.create_connection(Endpoint, address.host, address.port,
+                                                   ssl=context if implicit else None,
+                                                   server_hostname=address.host if implicit else None)
+    except ssl.SSLError as exc:
+        raise UpstreamError(f"TLS handshake with {address} failed: {describe_tls_error(exc)}") from None
+    except OSError as exc:
+        raise UpstreamError(f"cannot connect to {address} ({exc.strerror or exc.__class__.__name__})") from None
+    conn = Connection(endpoint, address)
+    try:
+        greeting = await conn.reply(None)
+        if greeting.code != 220:
+            raise UpstreamError(f"{address} refused the connection: {greeting.code} {greeting.text}")
+        conn.extensions = await _ehlo(conn, local_name)
+        if not implicit:
+            await _starttls(conn, context)
+            conn.extensions = await _ehlo(conn, local_name)
+    except BaseException:
+        endpoint.abort()
+        raise
+    return conn
+
+
+async def authenticate(conn: Connection, mailbox: str, token: str) -> dict[str, str]:
+    """AUTH XOAUTH2 in two steps. Returns the EHLO keywords.
+
+    Raises TokenRejected on 535 (the server refused the token), UpstreamError otherwise.
+    """
+    if "XOAUTH2" not in conn.extensions.get("AUTH", "").upper().split():
+        raise UpstreamError(f"{conn.address} does not offer AUTH XOAUTH2")
+    reply = await conn.command(b"AUTH XOAUTH2", None)
+    if reply.code == 334:
+        try:
+            response = xoauth2_initial_response(mailbox, token)
+        except SaslError:
+            raise UpstreamError("the access token contains characters XOAUTH2 cannot carry") from None
+        reply = await conn.command(response, None)
+    details = None
+    if reply.code == 334:  # error challenge (Dovecot, Google): answer empty, the 535 follows
+        details = parse_xoauth2_error(b"".join(reply.lines))
+        reply = await conn.command(b"", None)
+    if reply.code == 235:
+        return conn.extensions
+    if reply.code == 535:
+        raise TokenRejected(f"{reply.code} {reply.text}", details)
+    raise UpstreamError(f"AUTH XOAUTH2 failed: {reply.code} {reply.text}")
+
+
+async def probe(address: Address, tls_mode: str, context: ssl.SSLContext, local_name: str) -> dict[str, str]:
+    """Connect without logging in, to learn the EHLO keywords; then QUIT."""
+    conn = await connect(address, tls_mode, context, local_name)
+    conn.quit()
+    return conn.extensions
+
+
+async def read_reply(endpoint: Endpoint) -> Reply:
+    """One complete reply (all its lines), bounded in size."""
+    lines: list[bytes] = []
+    code = 0
+    try:
+        while True:
+            line_code, last, text = parse_reply_line(await endpoint.readline(MAX_REPLY_LINE))
+            if lines and line_code != code:
+                raise ValueError("reply code changed within a multi-line reply")
+            code = line_code
+            lines.append(text)
+            if last:
+                return Reply(code, tuple(lines))
+            if len(lines) >= MAX_REPLY_LINES:
+                raise ValueError("reply has too many lines")
+    except ConnectionClosed:
+        raise UpstreamError("the mail server closed the connection") from None
+    except (LineTooLong, ValueError) as exc:
+        raise UpstreamError(f"the mail server sent an invalid reply ({exc})") from None
+
+
+async def _ehlo(conn: Connection, local_name: str) -> dict[str, str]:
+    reply = await conn.command(b"EHLO " + local_name.encode("ascii"), None)
+    if reply.code != 250:
+        raise UpstreamError(f"{conn.address} refused EHLO: {reply.code} {reply.text}")
+    return parse_ehlo(reply)
+
+
+async def _starttls(conn: Connection, context: ssl.SSLContext) -> None:
+    if "STARTTLS" not in conn.extensions:
+        raise UpstreamError(f"{conn.address} does not offer STARTTLS (the proxy never logs in without TLS)")
+    reply = await conn.command(b"STARTTLS", None)
+    if reply.code != 220:
+        raise UpstreamError(f"{conn.address} refused STARTTLS: {reply.code} {reply.text}")
+    endpoint = conn.endpoint
+    if endpoint.take_buffer():  # bytes sent before TLS must not be read as if they came after it
+        raise UpstreamError(f"{conn.address} sent unexpected data after STARTTLS")
+    try:
+        transport = await asyncio.get_running_loop().start_tls(
+            endpoint.transport, endpoint, context, server_hostname=conn.address.host)
+    except ssl.SSLError as exc:
+        raise UpstreamError(f"TLS handshake with {conn.address} failed: {describe_tls_error(exc)}") from None
+    except (OSError, ConnectionError) as exc:
+        raise UpstreamError(f"TLS handshake with {conn.address} failed ({exc.__class__.__name__})") from None
+    if transport is None:
+        raise UpstreamError(f"{conn.address} closed the connection during the TLS handshake")
+    transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+    endpoint.transport = transport
