@@ -112,8 +112,13 @@ def test_authorize_then_read_mail_with_imaplib(bridge_factory, dovecot, idp_rese
     typ, data = imap.fetch("1", "(BODY.PEEK[])")
     assert typ == "OK" and data[0][1] == stored                   # byte for byte
     assert imap.logout()[0] == "BYE"
+    for _ in range(3):
+        imap = bridge.imap()
+        imap.login(alice, PASSWORD)
+        imap.logout()
     log = bridge.proxy.log_text()
-    assert f"login {alice} ok" in log
+    assert log.count(f"login {alice} ok") == 4
+    assert log.count(f"account {alice} unlocked") == 1           # the key is derived once per process
     assert_no_secrets(log, idp_reset, PASSWORD)
 
 
