@@ -1,14 +1,23 @@
-"""`proxy authorize`: the one-time browser sign-in (OAuth2 authorization code flow with PKCE).
+"""`proxy authorize`: get a token owner's first tokens and seal them with its local password.
 
-msal builds the request (PKCE, state, nonce) and redeems the code; we own the localhost
-listener that receives the redirect, so we control its port, the countdown and the deadline.
-The redirect arrives as a form POST (response_mode=form_post, as msal itself uses) or as a
-query string; both are accepted. The tokens are then sealed with the local password.
+Three ways, all through msal:
+
+- browser (default where a browser can open): the OAuth2 authorization code flow with PKCE.
+  msal builds the request (PKCE, state, nonce) and redeems the code; we own the localhost
+  listener that receives the redirect, so we control its port, the countdown and the deadline.
+  The redirect arrives as a form POST (response_mode=form_post, as msal itself uses) or as a
+  query string; both are accepted.
+- device code (``--device``, and the default where no browser can open: a container, a server
+  without a desktop): the user opens the verification address on any device and types the code.
+- app-only (accounts with ``flow: client_credentials``): nobody signs in; the app's secret or
+  certificate gets a token, which proves the configuration works, and the local password the
+  mail client will use is set. The proxy later fetches app-only tokens by itself.
 """
 
 from __future__ import annotations
 
 import http.server
+import os
 import socket
 import sys
 import threading
@@ -20,8 +29,9 @@ from typing import TextIO
 import msal
 
 from .config import AccountConfig, Config
+from .hints import hint_for
 from .store import TokenStore, derive_key
-from .tokens import describe_msal_error, make_msal_app, token_meta, token_payload
+from .tokens import describe_msal_error, make_app_only_msal_app, make_msal_app, token_meta, token_payload
 
 _PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>{title}</title></head>
 <body style="font-family:sans-serif;max-width:40em;margin:3em auto"><h1>{title}</h1><p>{text}</p></body></html>"""
@@ -101,12 +111,7 @@ def authorize_browser(config: Config, account: AccountConfig, password: str, *, 
                       open_browser: bool = True, port: int = 0, out: TextIO = sys.stderr) -> dict:
     """Run the sign-in and store the tokens. Returns the token file's metadata."""
     cache = msal.SerializableTokenCache()
-    try:
-        app = make_msal_app(config.identity, cache)
-    except Exception as exc:  # msal raises ValueError and requests errors during discovery
-        raise AuthorizeError(f"cannot reach the identity provider at {config.identity.authority} "
-                             f"({exc.__class__.__name__}: {str(exc)[:200]}). Check identity.authority, "
-                             f"identity.ca_file and the network") from None
+    app = _msal_app(config, cache)
     try:
         catcher = _Catcher(port)
     except OSError as exc:
@@ -144,12 +149,143 @@ def authorize_browser(config: Config, account: AccountConfig, password: str, *, 
     except Exception as exc:
         raise AuthorizeError(f"redeeming the authorization failed ({exc.__class__.__name__})") from None
     if "access_token" not in result:
-        raise AuthorizeError(f"the identity provider refused to issue tokens: {describe_msal_error(result)}")
+        raise AuthorizeError(_refused(result))
+    _note_signed_in(config, account, result, out)
+    return save_tokens(config, account, password, cache, result)
+
+
+def _refused(result: dict) -> str:
+    text = describe_msal_error(result)
+    hint = hint_for(text)
+    return f"the identity provider refused to issue tokens: {text}" + (f"\n  What to do: {hint}" if hint else "")
+
+
+def _note_signed_in(config: Config, account: AccountConfig, result: dict, out: TextIO) -> None:
     signed_in = (result.get("id_token_claims") or {}).get("preferred_username")
     if signed_in and signed_in.casefold() != account.username.casefold():
-        print(f"Note: signed in as {signed_in}; the proxy will open the mailbox {account.username} "
-              "with that account's rights.", file=out)
+        mailboxes = ", ".join(a.mailbox for a in config.sharing(account.username)) or account.username
+        print(f"Note: signed in as {signed_in}; the proxy will open {mailboxes} with that account's rights.",
+              file=out)
+
+
+def browser_unavailable(env: dict[str, str] | None = None, platform: str = sys.platform) -> str | None:
+    """Why no browser can be opened here (None if one probably can): decides the default flow.
+
+    ``$BROWSER`` set means the user chose one. On Linux and other Unix desktops a graphical
+    browser needs ``$DISPLAY`` (X11) or ``$WAYLAND_DISPLAY``; without them (ssh, a container, a
+    service account) only console browsers exist, which cannot run Microsoft's sign-in page.
+    Elsewhere (Windows, macOS) Python's webbrowser module must find one.
+    """
+    env = os.environ if env is None else env
+    if env.get("BROWSER"):
+        return None
+    if not platform.startswith(("win", "darwin", "cygwin")) and not env.get("DISPLAY") \
+            and not env.get("WAYLAND_DISPLAY"):
+        return "no graphical display here (DISPLAY and WAYLAND_DISPLAY are unset) and BROWSER is not set"
+    try:
+        webbrowser.get()
+    except webbrowser.Error:
+        return "Python finds no web browser on this computer"
+    return None
+
+
+def authorize_device(config: Config, account: AccountConfig, password: str, *, timeout: float | None = None,
+                     out: TextIO = sys.stderr) -> dict:
+    """The device code flow: print the address and code, poll until approved, then store the tokens.
+
+    Waits until the code expires (its own lifetime, 15 minutes at Microsoft) or ``timeout``
+    seconds, whichever comes first. msal's polling is blocking; Ctrl+C interrupts it (the caller
+    reports that nothing was stored).
+    """
+    cache = msal.SerializableTokenCache()
+    app = _msal_app(config, cache)
+    if not hasattr(app, "initiate_device_flow"):
+        raise AuthorizeError("the device code flow needs a public client: identity.client_secret is set, so "
+                             "use the browser sign-in, or remove client_secret and allow public client flows")
+    try:
+        flow = app.initiate_device_flow(scopes=config.identity.msal_scopes)
+    except Exception as exc:  # network errors from requests, ValueError from msal
+        raise AuthorizeError(f"cannot start the device sign-in at {config.identity.authority} "
+                             f"({exc.__class__.__name__}); check the network and identity.authority") from None
+    if "user_code" not in flow:
+        text = describe_msal_error(flow)
+        hint = hint_for(text)
+        raise AuthorizeError(f"the identity provider refused to start a device sign-in: {text}"
+                             + (f"\n  What to do: {hint}" if hint else ""))
+    expires_at = float(flow.get("expires_at") or time.time() + float(flow.get("expires_in") or 900))
+    deadline = min(expires_at, time.time() + timeout) if timeout else expires_at
+    print(f"Sign in as {account.username} to authorize the proxy, on any device with a browser:", file=out)
+    print(f"  1. open   {flow['verification_uri']}", file=out)
+    print(f"  2. enter  {flow['user_code']}", file=out)
+    print(f"The code is valid for {(expires_at - time.time()) / 60:.0f} min; Ctrl+C cancels.", file=out, flush=True)
+    ticker = _Ticker(deadline, out)
+    result = app.acquire_token_by_device_flow(flow, exit_condition=ticker.expired)
+    ticker.finish()
+    if "access_token" not in result:
+        error = result.get("error")
+        if error in ("authorization_pending", "slow_down"):
+            waited = f"within {timeout:.0f} s" if timeout and deadline < expires_at else "before the code expired"
+            raise AuthorizeError(f"No sign-in arrived {waited}. Run the command again for a new code "
+                                 "(--timeout gives more time)")
+        if error == "expired_token":
+            raise AuthorizeError("the code expired before the sign-in; run the command again for a new code")
+        if error in ("authorization_declined", "access_denied"):
+            raise AuthorizeError("the sign-in was declined; nothing was stored")
+        raise AuthorizeError(_refused(result))
+    _note_signed_in(config, account, result, out)
     return save_tokens(config, account, password, cache, result)
+
+
+def authorize_app_only(config: Config, account: AccountConfig, password: str, *, out: TextIO = sys.stderr) -> dict:
+    """``flow: client_credentials``: fetch one app-only token (proves the app's credential and
+    tenant work) and seal it with the local password the mail client will use."""
+    app_only = config.identity.app_only
+    print(f"{account.username} uses app-only access (client credentials of app {app_only.client_id}): "
+          "no sign-in needed.", file=out)
+    try:
+        app = make_app_only_msal_app(config.identity)
+        result = app.acquire_token_for_client([app_only.scope])
+    except Exception as exc:
+        raise AuthorizeError(f"cannot get an app-only token from {app_only.authority} "
+                             f"({exc.__class__.__name__}: {str(exc)[:200]}); check identity.app_only, "
+                             "identity.ca_file and the network") from None
+    if "access_token" not in result:
+        raise AuthorizeError(_refused(result))
+    return save_tokens(config, account, password, msal.SerializableTokenCache(), result)
+
+
+def _msal_app(config: Config, cache: msal.SerializableTokenCache) -> msal.ClientApplication:
+    try:
+        return make_msal_app(config.identity, cache)
+    except Exception as exc:  # msal raises ValueError and requests errors during discovery
+        raise AuthorizeError(f"cannot reach the identity provider at {config.identity.authority} "
+                             f"({exc.__class__.__name__}: {str(exc)[:200]}). Check identity.authority, "
+                             f"identity.ca_file and the network") from None
+
+
+class _Ticker:
+    """msal's device-flow exit condition (called about once a second): shows the time left."""
+
+    def __init__(self, deadline: float, out: TextIO):
+        self.deadline, self.out = deadline, out
+        self.interactive = out.isatty()
+        self.last_shown: int | None = None
+
+    def expired(self, _flow: dict | None = None) -> bool:
+        left = self.deadline - time.time()
+        if left <= 0:
+            return True
+        shown = int(left + 0.999)
+        if self.interactive:
+            print(f"\rWaiting for the sign-in: {shown:4d} s left ", end="", file=self.out, flush=True)
+        elif self.last_shown is None or self.last_shown - shown >= 60:
+            print(f"Waiting for the sign-in: {shown} s left", file=self.out, flush=True)
+            self.last_shown = shown
+        return False
+
+    def finish(self) -> None:
+        if self.interactive:
+            print(file=self.out)
 
 
 def save_tokens(config: Config, account: AccountConfig, password: str, cache: msal.SerializableTokenCache,
@@ -163,7 +299,7 @@ def save_tokens(config: Config, account: AccountConfig, password: str, cache: ms
     if accounts:
         home = accounts[0].get("home_account_id")
     meta = token_meta(account.username, expires_at=expires_at, has_refresh_token="refresh_token" in result,
-                      last_refresh=now, last_error=None)
+                      last_refresh=now, last_error=None, flow=account.flow)
     if info.get("preferred_username"):
         meta["signed_in_as"] = info["preferred_username"]
     store = TokenStore(config.token_path)

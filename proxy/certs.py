@@ -9,7 +9,9 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
@@ -26,12 +28,18 @@ def _validity(days: int) -> tuple[datetime.datetime, datetime.datetime]:
     return now - datetime.timedelta(minutes=1), now + datetime.timedelta(days=days)
 
 
-def create_ca(common_name: str, days: int = 3650) -> tuple[PrivateKey, x509.Certificate]:
-    """A self-signed CA certificate (may sign server certificates only: path length 0)."""
+def create_ca(common_name: str, days: int = 3650,
+              permitted: Iterable[str] | None = None) -> tuple[PrivateKey, x509.Certificate]:
+    """A self-signed CA certificate (may sign server certificates only: path length 0).
+
+    With ``permitted`` (host names and IP addresses) the CA carries name constraints: a
+    certificate it signs for any other name is rejected by clients, so a computer that trusts
+    it (and a stolen CA key) cannot be used to impersonate other servers.
+    """
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     not_before, not_after = _validity(days)
-    cert = (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(name).issuer_name(name)
         .public_key(key.public_key())
@@ -42,9 +50,20 @@ def create_ca(common_name: str, days: int = 3650) -> tuple[PrivateKey, x509.Cert
                                      data_encipherment=False, key_agreement=False, key_cert_sign=True,
                                      crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
     )
-    return key, cert
+    if permitted is not None:
+        subtrees = [_name_constraint(n) for n in dict.fromkeys(permitted)]
+        builder = builder.add_extension(x509.NameConstraints(permitted_subtrees=subtrees, excluded_subtrees=None),
+                                        critical=True)
+    return key, builder.sign(key, hashes.SHA256())
+
+
+def _name_constraint(name: str) -> x509.GeneralName:
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return x509.DNSName(name)
+    return x509.IPAddress(ipaddress.ip_network(f"{address}/{address.max_prefixlen}"))
 
 
 def _general_name(name: str) -> x509.GeneralName:
@@ -104,3 +123,77 @@ def write_cert(path: str | os.PathLike[str], cert: x509.Certificate | Iterable[x
     """Write one certificate, or a chain (leaf first), as PEM."""
     certs = [cert] if isinstance(cert, x509.Certificate) else list(cert)
     Path(path).write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs))
+
+
+#: Names every local server certificate covers; ``proxy certs --name`` adds more.
+LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
+_HOST_NAME = re.compile(r"(?=.{1,253}\Z)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                        r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?")
+
+
+@dataclass(frozen=True)
+class LocalCerts:
+    """The files ``proxy certs`` writes into one folder."""
+
+    directory: Path
+
+    @property
+    def ca_file(self) -> Path:
+        return self.directory / "ca.pem"
+
+    @property
+    def ca_key_file(self) -> Path:
+        return self.directory / "ca.key"
+
+    @property
+    def cert_file(self) -> Path:
+        return self.directory / "server.pem"
+
+    @property
+    def key_file(self) -> Path:
+        return self.directory / "server.key"
+
+    @property
+    def files(self) -> tuple[Path, ...]:
+        return (self.ca_file, self.ca_key_file, self.cert_file, self.key_file)
+
+
+def check_name(name: str) -> str:
+    """A host name or IP address for a certificate; raises ValueError otherwise."""
+    name = name.strip()
+    try:
+        return str(ipaddress.ip_address(name))
+    except ValueError:
+        pass
+    if not _HOST_NAME.fullmatch(name):
+        raise ValueError(f"not a host name or IP address: {name!r}")
+    return name.rstrip(".").lower()
+
+
+def create_local_certs(directory: str | os.PathLike[str], names: Iterable[str] = (), *, force: bool = False,
+                       days: int = 825) -> tuple[LocalCerts, list[str]]:
+    """A local CA (name-constrained to the certificate's names) and a server certificate for
+    localhost, 127.0.0.1, ::1 and ``names``. Returns the files and the names covered.
+
+    Raises FileExistsError naming the existing files unless ``force``.
+    """
+    certs = LocalCerts(Path(directory))
+    all_names = list(dict.fromkeys([*LOCAL_NAMES, *(check_name(n) for n in names)]))
+    existing = [str(p) for p in certs.files if p.exists()]
+    if existing and not force:
+        raise FileExistsError(f"already there: {', '.join(existing)} (use --force to replace them; "
+                              "clients must then trust the new CA)")
+    certs.directory.mkdir(parents=True, exist_ok=True)
+    ca_key, ca_cert = create_ca(f"oauth2-mail-proxy local CA ({_short_host()})", days=max(days, 3650),
+                                permitted=all_names)
+    key, cert = create_server_cert(ca_key, ca_cert, all_names, days=days)
+    write_key(certs.ca_key_file, ca_key)
+    write_key(certs.key_file, key)
+    write_cert(certs.ca_file, ca_cert)
+    write_cert(certs.cert_file, cert)
+    return certs, all_names
+
+
+def _short_host() -> str:
+    import socket
+    return re.sub(r"[^A-Za-z0-9.-]", "", socket.gethostname())[:60] or "localhost"

@@ -15,7 +15,10 @@ import time
 from typing import Awaitable, Callable, Generic, TypeVar
 
 from .throttle import FailureThrottle
-from .tokens import AccountState, LoginRefused, TokenBroker, TokenError
+from .config import FLOW_CLIENT_CREDENTIALS
+from .logs import log_event
+from .metrics import METRICS
+from .tokens import LoginGrant, LoginRefused, TokenBroker, TokenError
 
 log = logging.getLogger("proxy.login")
 C = TypeVar("C")  # an upstream connection
@@ -56,12 +59,12 @@ class Upstream(Generic[C]):
 
 
 async def login(broker: TokenBroker, throttle: FailureThrottle, upstream: Upstream[C], *, username: str,
-                password: str, source: str, timeout: float, protocol: str) -> tuple[C, object, AccountState]:
-    """Run the whole login; returns (connection, authenticate's result, account state)."""
+                password: str, source: str, timeout: float, protocol: str) -> tuple[C, object, LoginGrant]:
+    """Run the whole login; returns (connection, authenticate's result, the grant for relogin)."""
     started = time.monotonic()
     try:
         try:
-            return await asyncio.wait_for(_login(broker, upstream, username, password, timeout), timeout)
+            result = await asyncio.wait_for(_login(broker, upstream, username, password, timeout), timeout)
         except asyncio.TimeoutError:
             raise LoginFailed(LoginFailed.UNAVAILABLE, f"Login timed out after {timeout:.0f} s (identity "
                               "provider or mail server not answering); try again later") from None
@@ -70,11 +73,17 @@ async def login(broker: TokenBroker, throttle: FailureThrottle, upstream: Upstre
             throttle.failed(username.casefold(), source)
             delay = throttle.delay(username.casefold(), source)
             await asyncio.sleep(max(0.0, min(delay, timeout - (time.monotonic() - started) - 0.5)))
-        log.info("%s %s login %s failed: %s", protocol, source, username, failure.text)
+        duration = time.monotonic() - started
+        METRICS.login(protocol, failure.kind, duration)
+        log_event(log, "%s %s login %s failed: %s", protocol, source, username, failure.text, event="login",
+                  protocol=protocol, peer=source, account=username, result=failure.kind,
+                  duration_s=round(duration, 3))
         raise
+    METRICS.login(protocol, "ok", time.monotonic() - started)
+    return result
 
 
-async def relogin(broker: TokenBroker, upstream: Upstream[C], state: AccountState, *, timeout: float,
+async def relogin(broker: TokenBroker, upstream: Upstream[C], grant: LoginGrant, *, timeout: float,
                   protocol: str) -> tuple[C, object]:
     """Open a new upstream session for an account whose client already logged in.
 
@@ -82,43 +91,40 @@ async def relogin(broker: TokenBroker, upstream: Upstream[C], state: AccountStat
     client's password in memory.
     """
     try:
-        return await asyncio.wait_for(_upstream_login(broker, upstream, state, timeout), timeout)
+        return await asyncio.wait_for(_upstream_login(broker, upstream, grant, timeout), timeout)
     except asyncio.TimeoutError:
         raise LoginFailed(LoginFailed.UNAVAILABLE, f"Reconnecting timed out after {timeout:.0f} s") from None
     except LoginFailed as failure:
-        log.info("%s re-login %s failed: %s", protocol, state.account.username, failure.text)
+        log.info("%s re-login %s failed: %s", protocol, grant.account.username, failure.text)
         raise
 
 
 async def _login(broker: TokenBroker, upstream: Upstream[C], username: str, password: str,
-                 timeout: float) -> tuple[C, object, AccountState]:
+                 timeout: float) -> tuple[C, object, LoginGrant]:
     try:
-        state = await broker.authenticate(username, password)
+        grant = await broker.authenticate(username, password)
     except LoginRefused as exc:
         raise LoginFailed(LoginFailed.CREDENTIALS, str(exc).capitalize()) from None
     except TokenError as exc:
         raise token_failure(exc) from None
-    return (*await _upstream_login(broker, upstream, state, timeout), state)
+    return (*await _upstream_login(broker, upstream, grant, timeout), grant)
 
 
-async def _upstream_login(broker: TokenBroker, upstream: Upstream[C], state: AccountState,
+async def _upstream_login(broker: TokenBroker, upstream: Upstream[C], grant: LoginGrant,
                           timeout: float) -> tuple[C, object]:
-    mailbox = state.account.username
+    mailbox = grant.account.mailbox  # XOAUTH2 user=: a shared mailbox is opened with its owner's token
     conn = await _connect(upstream)
     try:
         for attempt in (1, 2):
             try:
-                token = await broker.access_token(state, timeout)
+                token = await broker.access_token(grant, timeout)
             except TokenError as exc:
                 raise token_failure(exc) from None
             try:
                 return conn, await upstream.authenticate(conn, mailbox, token)
             except TokenRejected as exc:
-                if attempt == 2 or not broker.reject(state, token):
-                    raise LoginFailed(LoginFailed.REJECTED, (
-                        f"The mail server refused the access token ({exc}). If this persists, run "
-                        f"`proxy authorize {state.account.username}` again and check that the mailbox "
-                        f"{mailbox} allows this protocol")) from None
+                if attempt == 2 or not broker.reject(grant, token):
+                    raise LoginFailed(LoginFailed.REJECTED, rejected_text(grant, str(exc))) from None
                 log.info("upstream refused the token for %s; refreshing once and retrying", mailbox)
                 if upstream.is_closed(conn):
                     upstream.close(conn)
@@ -136,6 +142,22 @@ async def _connect(upstream: Upstream[C]) -> C:
         return await upstream.connect()
     except UpstreamError as exc:
         raise LoginFailed(LoginFailed.UNAVAILABLE, f"Mail server unreachable: {exc}") from None
+
+
+def rejected_text(grant: LoginGrant, reply: str) -> str:
+    """What to tell the client when the mail server refused even a fresh token."""
+    account, mailbox = grant.account, grant.account.mailbox
+    if account.flow == FLOW_CLIENT_CREDENTIALS:
+        return (f"The mail server refused the app's token for the mailbox {mailbox} ({reply}). An Exchange "
+                "admin must register the app's service principal and give it access to this mailbox "
+                "(see docs/azure-setup.md)")
+    if account.shared:
+        return (f"The mail server refused to open the mailbox {mailbox} with the token of {account.owner} "
+                f"({reply}): {account.owner} may not open {mailbox}. An Exchange admin grants it with "
+                f"Add-MailboxPermission -Identity {mailbox} -User {account.owner} -AccessRights FullAccess; "
+                f"if {account.owner}'s own logins fail too, run `proxy authorize {account.owner}` again")
+    return (f"The mail server refused the access token ({reply}). If this persists, run "
+            f"`proxy authorize {account.owner}` again and check that the mailbox {mailbox} allows this protocol")
 
 
 def token_failure(exc: TokenError) -> LoginFailed:

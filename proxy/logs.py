@@ -60,13 +60,25 @@ class RedactingFilter(logging.Filter):
         return True
 
 
+def log_event(logger: logging.Logger, message: str, *args: object, level: int = logging.INFO,
+              **fields: object) -> None:
+    """Log ``message % args`` with ``fields`` as structured data (top-level keys in JSON lines).
+
+    Used for the per-session lines (``event`` = session_start, login, session_end) so a log
+    collector can count and filter them without parsing text. Never pass a secret.
+    """
+    logger.log(level, message, *args, extra={"fields": fields})
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) +
                  f".{int(record.msecs):03d}Z", "level": record.levelname, "logger": record.name,
                  "message": record.getMessage()}
-        entry.update(getattr(record, "fields", {}) or {})
-        return json.dumps(entry, ensure_ascii=False)
+        for key, value in (getattr(record, "fields", {}) or {}).items():
+            if key not in entry:
+                entry[key] = redact(value) if isinstance(value, str) else value
+        return json.dumps(entry, ensure_ascii=False, default=str)
 
 
 def setup_logging(level: str = "INFO", fmt: str = "text", stream=None) -> None:

@@ -1,4 +1,9 @@
-"""`proxy serve`: start the listeners and run until told to stop."""
+"""`proxy serve`: start the listeners and run until told to stop.
+
+SIGTERM/SIGINT: graceful shutdown (:meth:`proxy.service.Runtime.shutdown`), then return;
+a second signal ends the open sessions at once. SIGHUP (where it exists) reloads the config,
+as does a change of the config file on disk.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +14,9 @@ import signal
 from .config import Config
 from .imap.server import ImapProxy
 from .smtp.server import SmtpProxy
-from .store import TokenStore
+from .store import StoreError, TokenStore
 from .throttle import FailureThrottle
+from .service import Runtime, make_server_tls
 from .tls import client_context
 from .tokens import TokenBroker
 
@@ -18,31 +24,58 @@ log = logging.getLogger("proxy")
 
 
 async def serve(config: Config, *, ready: asyncio.Event | None = None, stop: asyncio.Event | None = None) -> None:
-    """Run the proxy until ``stop`` is set or SIGINT/SIGTERM arrives."""
+    """Run the proxy until ``stop`` is set or SIGINT/SIGTERM arrives, then shut down gracefully."""
     store = TokenStore(config.token_path)
     broker = TokenBroker(config, store)
+    if removed := store.remove_leftovers():
+        log.info("removed %d temporary file(s) left in %s by an interrupted write", removed, store.directory)
     throttle = FailureThrottle()  # one for both listeners: guessing over SMTP slows IMAP logins too
-    imap = ImapProxy(config, broker, upstream_tls=client_context(config.imap.ca_file), throttle=throttle)
-    smtp = SmtpProxy(config, broker, upstream_tls=client_context(config.smtp.ca_file), throttle=throttle)
+    server_tls = make_server_tls(config)  # the proxy's own TLS listeners (tls: cert_file, key_file)
+    imap = ImapProxy(config, broker, upstream_tls=client_context(config.imap.ca_file), throttle=throttle,
+                     server_tls=server_tls)
+    smtp = SmtpProxy(config, broker, upstream_tls=client_context(config.smtp.ca_file), throttle=throttle,
+                     server_tls=server_tls)
+    runtime = Runtime(config, store=store, broker=broker, imap=imap, smtp=smtp, server_tls=server_tls)
     stop = stop or asyncio.Event()
+    force = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+
+    def on_stop_signal() -> None:
+        (force if stop.is_set() else stop).set()
+
+    handlers = [(signal.SIGINT, on_stop_signal), (signal.SIGTERM, on_stop_signal)]
+    if hasattr(signal, "SIGHUP"):  # not on Windows: the config file watcher covers it there
+        handlers.append((signal.SIGHUP, runtime.request_reload))
+    for sig, handler in handlers:
         try:
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, handler)
         except (NotImplementedError, RuntimeError, ValueError):  # Windows: Ctrl+C raises instead
             pass
-    await imap.start()
-    await smtp.start()
+    graceful = False
+    try:
+        await imap.start()
+        await smtp.start()
+        await runtime.start()
+    except BaseException:
+        await runtime.shutdown(0)
+        raise
     for account in config.accounts:
-        authorized = store.stamp(account.username) is not None
+        try:
+            authorized = store.stamp(account.owner) is not None  # shared mailboxes use the owner's file
+        except StoreError as exc:  # that account's logins will say so; the others are served
+            log.error("account %s: %s", account.username, exc)
+            continue
         log.info("account %s: %s", account.username,
-                 "authorized" if authorized else f"NOT authorized yet (run `proxy authorize {account.username}`)")
+                 "authorized" if authorized else f"NOT authorized yet (run `proxy authorize {account.owner}`)")
     if ready is not None:
         ready.set()
     try:
         await stop.wait()
+        graceful = True
     finally:
-        log.info("shutting down")
-        await imap.close()
-        await smtp.close()
-        await broker.close()
+        await runtime.shutdown(runtime.config.limits.shutdown_grace if graceful else 0, force)
+        for sig, _ in handlers:
+            try:
+                loop.remove_signal_handler(sig)
+            except (NotImplementedError, RuntimeError, ValueError):
+                pass

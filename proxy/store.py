@@ -95,6 +95,27 @@ class TokenStore:
     def __init__(self, directory: Path):
         self.directory = Path(directory)
 
+    def remove_leftovers(self, older_than: float = 600.0) -> int:
+        """Delete temporary files that a write interrupted by a crash left behind (``.tmp-*``).
+
+        Only files older than ``older_than`` seconds: a younger one may belong to a write that is
+        still running in another process (`proxy authorize`). Returns how many were removed.
+        """
+        removed = 0
+        now = time.time()
+        try:
+            leftovers = list(self.directory.glob(".tmp-*"))
+        except OSError:
+            return 0
+        for path in leftovers:
+            try:
+                if now - path.stat().st_mtime >= older_than:
+                    path.unlink()
+                    removed += 1
+            except OSError:
+                pass
+        return removed
+
     def path_for(self, account: str) -> Path:
         """File name for an account: readable, case-folded, safe on Windows and POSIX."""
         name = "".join(c if c in _SAFE else f"%{ord(c):02x}" for c in account.casefold())

@@ -25,8 +25,9 @@ from typing import Any
 import msal
 import requests
 
-from .config import AccountConfig, Config, IdentityConfig
+from .config import FLOW_CLIENT_CREDENTIALS, AccountConfig, Config, IdentityConfig
 from .logs import register_secret
+from .metrics import METRICS
 from .store import Key, NoTokens, StoreError, TokenStore, WrongPassword
 
 log = logging.getLogger("proxy.tokens")
@@ -83,6 +84,23 @@ def make_msal_app(identity: IdentityConfig, cache: msal.SerializableTokenCache,
     return msal.PublicClientApplication(identity.client_id, **common)
 
 
+def make_app_only_msal_app(identity: IdentityConfig, http_cache: dict | None = None) -> msal.ConfidentialClientApplication:
+    """The confidential app of ``identity.app_only`` (blocking: it fetches the authority's metadata).
+
+    Each call gets an empty token cache, so ``acquire_token_for_client`` always asks the identity
+    provider: the broker keeps the app-only token itself and calls this only to refresh it.
+    """
+    app_only = identity.app_only
+    if app_only is None:
+        raise TokenError("identity.app_only is not configured")
+    http = _TimeoutSession(identity.timeout, str(identity.ca_file) if identity.ca_file else True)
+    if app_only.client_secret:
+        register_secret(app_only.client_secret)
+    return msal.ConfidentialClientApplication(
+        app_only.client_id, client_credential=app_only.credential, authority=app_only.authority,
+        token_cache=msal.TokenCache(), http_client=http, instance_discovery=False, http_cache=http_cache)
+
+
 def describe_msal_error(result: dict[str, Any]) -> str:
     """Microsoft's error code and the first line of its description (never contains tokens)."""
     description = str(result.get("error_description") or "").strip().splitlines()
@@ -97,16 +115,40 @@ def token_payload(cache: msal.SerializableTokenCache, home_account_id: str | Non
 
 
 def token_meta(username: str, *, expires_at: float | None, has_refresh_token: bool,
-               last_refresh: float | None, last_error: str | None, state: str = "ok") -> dict[str, Any]:
-    """Non-secret status stored in clear (but authenticated) beside the ciphertext."""
-    return {"account": username, "state": state, "access_token_expires": expires_at,
+               last_refresh: float | None, last_error: str | None, state: str = "ok",
+               flow: str | None = None) -> dict[str, Any]:
+    """Non-secret status stored in clear (but authenticated) beside the ciphertext.
+
+    ``username`` is the token owner (the file's name); ``proxy status`` shows this without any
+    password. It is authenticated only when the file is opened with the key, so it is a display.
+    """
+    meta = {"account": username, "state": state, "access_token_expires": expires_at,
             "has_refresh_token": has_refresh_token, "last_refresh": last_refresh,
             "last_error": last_error, "updated": time.time()}
+    if flow:
+        meta["flow"] = flow
+    return meta
+
+
+@dataclass(eq=False)
+class LoginGrant:
+    """A successful local login: the account (its ``mailbox``) and its token owner's state.
+
+    Several accounts may share one owner (shared and archive mailboxes); they then share one
+    AccountState: one token, one refresh, one local password (the owner's).
+    """
+
+    account: AccountConfig
+    state: AccountState
+
+    @property
+    def access_token(self) -> str | None:
+        return self.state.access_token
 
 
 @dataclass
 class AccountState:
-    """What the broker knows about one account (the token owner)."""
+    """What the broker knows about one token owner (``account`` is the owner, with its flow)."""
 
     account: AccountConfig
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -123,6 +165,7 @@ class AccountState:
     last_forced: float = 0.0
     last_refresh: float | None = None
     last_error: str | None = None
+    granted_scope: str | None = None  # as the last token response listed it (for `proxy check`)
     failed_at: float = 0.0  # time of the last failed refresh (0: the last one succeeded)
     backoff: float = 0.0
     dead: str | None = None  # reason the refresh token is unusable (needs `proxy authorize`)
@@ -153,14 +196,16 @@ class TokenBroker:
         self._closed = False
 
     # -- public API ---------------------------------------------------------------------
-    async def authenticate(self, username: str, password: str) -> AccountState:
-        """Check a local login; returns the account's state. Raises LoginRefused or TokenError."""
-        account = self.config.account(username)
-        if account is None:
+    async def authenticate(self, username: str, password: str) -> LoginGrant:
+        """Check a local login (against the token owner's file); raises LoginRefused or TokenError."""
+        login_account = self.config.account(username)
+        if login_account is None:
             raise LoginRefused("unknown user or wrong password")
+        account = AccountConfig(login_account.owner, flow=login_account.flow)  # the token owner
         state = self._states.get(account.key)
         if state is None or state.account != account:
             state = self._states[account.key] = AccountState(account)
+        grant = LoginGrant(login_account, state)
         verifier = hmac.new(self._pepper, password.encode("utf-8"), hashlib.sha256).digest()
         async with state.lock:
             try:
@@ -172,13 +217,14 @@ class TokenBroker:
                                  f"{account.username}`", reauthorize=True)
             if state.verifier is not None and stamp == state.stamp:
                 if hmac.compare_digest(state.verifier, verifier):
-                    return state
+                    return grant
                 raise LoginRefused("unknown user or wrong password")
             await self._load(state, password, verifier)
-        return state
+        return grant
 
-    async def access_token(self, state: AccountState, timeout: float) -> str:
+    async def access_token(self, grant: LoginGrant, timeout: float) -> str:
         """A valid access token for the account, within ``timeout`` seconds or TokenError."""
+        state = grant.state
         if state.dead:
             raise TokenError(state.dead, reauthorize=True)
         now = time.time()
@@ -197,8 +243,15 @@ class TokenBroker:
         except asyncio.TimeoutError:
             raise TokenError("the identity provider did not answer in time") from None
 
-    def reject(self, state: AccountState, token: str) -> bool:
+    async def force_refresh(self, grant: LoginGrant, timeout: float) -> str:
+        """A token fetched from the identity provider now (for `proxy check`), or TokenError."""
+        grant.state.access_token = None
+        grant.state.failed_at = 0.0
+        return await self.access_token(grant, timeout)
+
+    def reject(self, grant: LoginGrant, token: str) -> bool:
         """The upstream server refused ``token``. Returns True if a fresh one may be tried."""
+        state = grant.state
         if token != state.access_token:
             return True  # someone already replaced it
         now = time.time()
@@ -211,6 +264,28 @@ class TokenBroker:
     def status(self, state: AccountState) -> dict[str, Any]:
         return {"expires_at": state.expires_at, "last_refresh": state.last_refresh,
                 "last_error": state.last_error, "dead": state.dead}
+
+    def held_state(self, owner: str) -> AccountState | None:
+        """The in-memory state of a token owner, if a login unlocked it in this process."""
+        state = self._states.get(owner.casefold())
+        return state if state is not None and state.key is not None else None
+
+    def reconfigure(self, config: Config) -> None:
+        """Use ``config`` for new logins and refreshes (a config reload); open sessions go on.
+
+        Token owners no longer in the config are forgotten (their background refresh stops);
+        a changed ``identity`` section makes the next refresh build a new msal application.
+        """
+        old, self.config = self.config, config
+        if old.identity != config.identity:
+            self._http_cache.clear()
+            for state in self._states.values():
+                state.app = None
+        owners = {getattr(a, "owner", a.username).casefold() for a in config.accounts}
+        for key in [k for k in self._states if k not in owners]:
+            state = self._states.pop(key)
+            if state.refresher is not None:
+                state.refresher.cancel()
 
     async def close(self) -> None:
         self._closed = True
@@ -246,7 +321,8 @@ class TokenBroker:
         state.lifetime = max(60.0, state.expires_at - float(meta.get("last_refresh") or 0)) \
             if meta.get("last_refresh") else 3600.0
         state.last_refresh, state.last_error = meta.get("last_refresh"), meta.get("last_error")
-        state.dead = meta.get("last_error") if meta.get("state") == "needs_authorization" else None
+        state.dead = (f"the stored authorization no longer works ({meta.get('last_error')}); run `proxy authorize "
+                      f"{name}`") if meta.get("state") == "needs_authorization" else None
         if state.access_token:
             register_secret(state.access_token)
         log.info("account %s unlocked (token valid for %.0f s)", name, max(0.0, state.expires_at - time.time()))
@@ -277,10 +353,12 @@ class TokenBroker:
             if exc.reauthorize:
                 state.dead = f"the stored authorization no longer works ({exc}); run `proxy authorize {name}`"
                 log.warning("account %s: refresh token rejected (%s); needs `proxy authorize`", name, exc)
+                METRICS.token_refreshes.labels("reauthorize").inc()
                 await self._persist(state, status="needs_authorization")
                 raise TokenError(state.dead, reauthorize=True) from None
             state.backoff = min(max(2 * state.backoff, 2.0), MAX_BACKOFF)
             state.failed_at = time.time()
+            METRICS.token_refreshes.labels("failed").inc()
             log.warning("account %s: token refresh failed (%s); next attempt in %.0f s", name, exc, state.backoff)
             raise
         token = result["access_token"]
@@ -291,14 +369,18 @@ class TokenBroker:
         state.access_token, state.lifetime = token, max(1.0, lifetime)
         state.expires_at, state.obtained_at = started + lifetime, started
         state.last_refresh, state.last_error = time.time(), None
+        state.granted_scope = result.get("scope") or state.granted_scope
         state.backoff, state.failed_at = 0.0, 0.0
         log.info("account %s: access token refreshed (valid %.0f s)", name, lifetime)
+        METRICS.token_refreshes.labels("ok").inc()
         await self._persist(state)
         return token
 
     def _refresh_sync(self, state: AccountState) -> dict[str, Any]:
         """Blocking: one refresh through msal (runs in the executor)."""
         identity = self.config.identity
+        if state.account.flow == FLOW_CLIENT_CREDENTIALS:
+            return self._fetch_app_only_sync()
         try:
             if state.app is None:
                 state.app = make_msal_app(identity, state.cache, self._http_cache)
@@ -321,10 +403,33 @@ class TokenBroker:
                              reauthorize=result.get("error") in REAUTHORIZE_ERRORS)
         return result
 
+    def _fetch_app_only_sync(self) -> dict[str, Any]:
+        """Blocking: a new app-only token with the app's own credential (no refresh token exists)."""
+        identity = self.config.identity
+        try:
+            app = make_app_only_msal_app(identity, self._http_cache)
+            result = app.acquire_token_for_client([identity.app_only.scope])
+        except TokenError:
+            raise
+        except (requests.RequestException, OSError) as exc:
+            raise TokenError(f"identity provider unreachable ({exc.__class__.__name__})") from None
+        except Exception as exc:  # msal: MsalServiceError, ValueError (bad key or metadata)
+            raise TokenError(f"identity provider error ({exc.__class__.__name__}: {str(exc)[:120]})") from None
+        if "access_token" not in result:
+            raise TokenError(f"the app's credentials were refused: {describe_msal_error(result)}; "
+                             "check identity.app_only")
+        return result
+
     async def _persist(self, state: AccountState, status: str = "ok") -> None:
         name = state.account.username
         try:
             current = self.store.stamp(name)
+            if current is None:
+                # `proxy forget`/`revoke` deleted the file: stop refreshing these tokens.
+                log.info("account %s: token file deleted; no longer refreshing", name)
+                state.dead = f"the stored tokens of {name} were deleted; run `proxy authorize {name}`"
+                state.verifier = None
+                return
             if current != state.stamp:
                 # `proxy authorize` replaced the file meanwhile: never overwrite a newer sign-in.
                 log.info("account %s: token file changed on disk; reloading at next login", name)
@@ -333,7 +438,8 @@ class TokenBroker:
             has_rt = bool(state.cache.find(msal.TokenCache.CredentialType.REFRESH_TOKEN))
             payload = token_payload(state.cache, state.home_account_id, state.access_token, state.expires_at)
             meta = token_meta(name, expires_at=state.expires_at, has_refresh_token=has_rt,
-                              last_refresh=state.last_refresh, last_error=state.last_error, state=status)
+                              last_refresh=state.last_refresh, last_error=state.last_error, state=status,
+                              flow=state.account.flow)
             state.stamp = await self._run(self.store.write, name, state.key, payload, meta)
         except (OSError, StoreError) as exc:
             log.error("account %s: cannot save refreshed tokens (%s); keeping them in memory", name, exc)

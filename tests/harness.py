@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -91,12 +92,13 @@ def authorize(config_path: Path, user: str, password: str, pki, *, timeout: floa
 class ProxyProcess:
     """`proxy serve` in a subprocess, logging at DEBUG to a file."""
 
-    def __init__(self, config_path: Path, pki, *, log_level: str = "DEBUG", args: tuple[str, ...] = ()):
+    def __init__(self, config_path: Path, pki, *, log_level: str = "DEBUG", args: tuple[str, ...] = (),
+                 command: tuple[str, ...] = (sys.executable, "-m", "proxy")):
         self.config_path = config_path
         self.log_path = config_path.parent / f"proxy-{time.monotonic_ns()}.log"
         self._log = open(self.log_path, "wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "proxy", "-c", str(config_path), "--log-level", log_level, *args, "serve"],
+            [*command, "-c", str(config_path), "--log-level", log_level, *args, "serve"],
             stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT, env=proxy_env(pki))
         self.imap_port = listen_port(config_path, "imap")
         self.smtp_port = listen_port(config_path, "smtp")
@@ -143,14 +145,17 @@ class TcpForwarder:
     """A TCP forwarder to ``target`` that a test can cut (connection refused) and restore.
 
     Lets a test take the identity provider away from the proxy only: Dovecot keeps reaching
-    it directly for introspection, as Microsoft's servers would.
+    it directly for introspection, as Microsoft's servers would. ``cut(i)`` resets the i-th
+    connection (both sides) and only it; subclasses may override ``_pump`` to meddle with bytes.
     """
 
     def __init__(self, target_host: str, target_port: int, host: str = "127.0.0.1"):
         self.target = (target_host, target_port)
         self.host, self.port = host, free_port(host)
+        self.address = f"{host}:{self.port}"
+        self.connections = 0                       # connections accepted so far
+        self.pairs: list[tuple[socket.socket, socket.socket]] = []   # (client side, target side)
         self._listener: socket.socket | None = None
-        self._connections: list[socket.socket] = []
         self._lock = threading.Lock()
         self.start()
 
@@ -165,6 +170,7 @@ class TcpForwarder:
         threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
 
     def stop(self) -> None:
+        """Refuse new connections and reset the open ones."""
         listener, self._listener = self._listener, None
         if listener is not None:
             try:
@@ -172,14 +178,30 @@ class TcpForwarder:
             except OSError:
                 pass
             listener.close()
+        self.cut_all()
+
+    close = stop
+
+    def cut(self, index: int) -> None:
         with self._lock:
-            for conn in self._connections:
-                try:
-                    conn.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                conn.close()
-            self._connections.clear()
+            pair = self.pairs[index]
+        self._reset(pair)
+
+    def cut_all(self) -> None:
+        with self._lock:
+            pairs, self.pairs = self.pairs, []
+        for pair in pairs:
+            self._reset(pair)
+
+    @staticmethod
+    def _reset(pair: tuple[socket.socket, socket.socket]) -> None:
+        for sock in pair:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST
+                sock.shutdown(socket.SHUT_RDWR)  # (close alone waits for a pump blocked in sendall)
+            except OSError:
+                pass
+            sock.close()
 
     def _accept(self, listener: socket.socket) -> None:
         while True:
@@ -194,12 +216,12 @@ class TcpForwarder:
                 continue
             upstream.settimeout(None)
             with self._lock:
-                self._connections += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+                self.connections += 1
+                self.pairs.append((client, upstream))
+            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
 
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, to_target: bool) -> None:
         try:
             while data := src.recv(65536):
                 dst.sendall(data)

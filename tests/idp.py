@@ -71,6 +71,7 @@ _AADSTS: dict[int, tuple[str, str]] = {
                               "request."),
     700016: ("invalid_client", "Application with identifier '{client}' was not found in the directory "
                                "'Test Tenant'."),
+    700027: ("invalid_client", "Client assertion failed signature validation."),
     700082: ("invalid_grant", "The refresh token has expired due to inactivity."),
     1002012: ("invalid_scope", "The provided value for scope {scope} is not valid. Client credential flows must "
                                "have a scope value with /.default suffixed to the resource identifier."),
@@ -107,6 +108,7 @@ class Client:
     secret: str | None = None
     public_flows: bool = True                 # "Allow public client flows" (device code)
     redirect_uris: tuple[str, ...] = ()       # besides http://localhost:<any port> for public clients
+    certificate: str | None = None            # PEM: the client authenticates with a signed JWT assertion
 
 
 @dataclass
@@ -299,9 +301,11 @@ class IdentityProvider:
             self._deny_next = True
 
     def register_client(self, client_id: str, secret: str | None = None, public_flows: bool = True,
-                        redirect_uris: list[str] | tuple[str, ...] = ()) -> None:
+                        redirect_uris: list[str] | tuple[str, ...] = (), certificate: str | None = None) -> None:
+        """Add an app registration; with ``certificate`` (PEM) it authenticates with a JWT client
+        assertion signed by the matching key (msal's certificate credential)."""
         with self._lock:
-            self._clients[client_id] = Client(client_id, secret, public_flows, tuple(redirect_uris))
+            self._clients[client_id] = Client(client_id, secret, public_flows, tuple(redirect_uris), certificate)
 
     def revoke(self, user: str) -> None:
         """Revoke all of ``user``'s tokens (like a password reset): refresh gets AADSTS50173."""
@@ -444,11 +448,36 @@ class IdentityProvider:
         client = self._clients.get(client_id)
         if client is None:
             raise OAuthError(700016, client=client_id)
+        if client.certificate is not None:
+            self._check_assertion(client, form.get("client_assertion_type", ""), form.get("client_assertion", ""))
+            return client
         if client.secret is not None and secret is None:
             raise OAuthError(7000218)
         if client.secret is not None and not hmac.compare_digest(secret or "", client.secret):
             raise OAuthError(7000215, status=401)
         return client
+
+    def _check_assertion(self, client: Client, kind: str, assertion: str) -> None:
+        """A JWT client assertion (RFC 7523) signed by the key of the client's certificate."""
+        import jwt  # PyJWT comes with msal
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes
+
+        if kind != "urn:ietf:params:oauth:client-assertion-type:jwt-bearer" or not assertion:
+            raise OAuthError(7000218)
+        cert = x509.load_pem_x509_certificate(client.certificate.encode())
+        try:
+            header = jwt.get_unverified_header(assertion)
+            claims = jwt.decode(assertion, cert.public_key(), algorithms=["PS256", "RS256"],
+                                options={"verify_aud": False, "require": ["exp", "aud", "iss", "sub"]})
+        except jwt.PyJWTError:
+            raise OAuthError(700027, status=401) from None
+        thumbprints = {_b64url(cert.fingerprint(hashes.SHA256())), _b64url(cert.fingerprint(hashes.SHA1()))}
+        given = {str(header.get("x5t#S256", "")).rstrip("="), str(header.get("x5t", "")).rstrip("=")}
+        audience = str(claims.get("aud", ""))
+        if (not thumbprints & given or claims.get("iss") != client.client_id or claims.get("sub") != client.client_id
+                or not (audience.startswith(self.url + "/") and audience.endswith("/oauth2/v2.0/token"))):
+            raise OAuthError(700027, status=401)
 
     def token(self, form: dict[str, str], authorization: str | None = None) -> dict[str, Any]:
         """The token endpoint (raises OAuthError)."""
@@ -493,7 +522,7 @@ class IdentityProvider:
                 device.redeemed = True
                 return self._user_tokens(device.user, client.client_id, device.scopes)
             if grant == "client_credentials":
-                if client.secret is None:
+                if client.secret is None and client.certificate is None:
                     raise OAuthError(7000218)
                 if len(scopes) != 1 or not scopes[0].endswith("/.default"):
                     raise OAuthError(1002012, scope=" ".join(scopes))

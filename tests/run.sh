@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Install everything the tests need, then run them:  bash tests/run.sh [pytest arguments]
-#  - as root on Debian/Ubuntu: Dovecot (imapd, submissiond, Lua auth), swaks, curl from apt
+#  - as root on Debian/Ubuntu: Dovecot (imapd, submissiond, Lua auth), swaks, curl, Chromium
+#    and its driver, debootstrap, buildah and podman (the container test) from apt
 #  - a virtualenv in .venv with the package and its [test] extras from PyPI
 # Integration tests never skip silently: without Dovecot they fail.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(dovecot-imapd dovecot-submissiond dovecot-auth-lua swaks curl ca-certificates)
+APT_PACKAGES=(dovecot-imapd dovecot-submissiond dovecot-auth-lua swaks curl ca-certificates
+              chromium chromium-driver  # a real headless browser for the sign-in test (issue 4)
+              debootstrap buildah podman)  # build and run the container image (tests/test_container.py)
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     missing=()
     for pkg in "${APT_PACKAGES[@]}"; do

@@ -9,7 +9,6 @@ import concurrent.futures
 import imaplib
 import json
 import socket
-import ssl
 import time
 import uuid
 

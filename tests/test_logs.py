@@ -32,3 +32,19 @@ def test_handler_redacts_messages_args_and_tracebacks():
     assert "super-secret-access-token-value" not in output
     assert "got [redacted]" in output and "ValueError: leaked [redacted]" in output
     assert logging.getLogger("msal").getEffectiveLevel() >= logging.WARNING
+
+
+def test_bad_log_level_or_format_from_the_environment_is_a_usage_error(monkeypatch, capsys):
+    import pytest
+    from proxy.cli import main
+    monkeypatch.setenv("PROXY_LOG_LEVEL", "chatty")
+    with pytest.raises(SystemExit) as exit_:
+        main(["status"])
+    assert exit_.value.code == 2
+    assert "invalid log level 'CHATTY'" in capsys.readouterr().err
+    monkeypatch.setenv("PROXY_LOG_LEVEL", "debug")
+    monkeypatch.setenv("PROXY_LOG_FORMAT", "xml")
+    with pytest.raises(SystemExit) as exit_:
+        main(["status"])
+    assert exit_.value.code == 2
+    assert "invalid log format 'xml'" in capsys.readouterr().err

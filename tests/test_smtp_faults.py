@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import smtplib
 import socket
-import struct
 import threading
 import time
 from dataclasses import replace
@@ -18,64 +17,37 @@ import pytest
 from proxy.config import Address
 from proxy.smtp.server import Timeouts
 from tests.conftest import SMTP_PASSWORD, SMTP_USER
+from tests.harness import TcpForwarder
 
 BIG = b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 1000  # 1 MB
 SMALL = b"Subject: small\r\n\r\nafter the failure\r\n"
 
 
-class Link:
+class Link(TcpForwarder):
     """A TCP relay to ``target`` that a test can break. ``arm(n, "cut")`` aborts every connection once
     more than ``n`` bytes went upstream; ``arm(n, "stall")`` holds them instead; ``cut_all()`` drops
     the current connections (as an upstream idle timeout would)."""
 
     def __init__(self, target: tuple[str, int]):
-        self.target = target
-        self.connections = 0
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
-        self._lock = threading.Lock()
         self._limit: int | None = None
         self._mode = "cut"
         self._sent = 0
-        self._open: list[socket.socket] = []
         self._released = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(*target)
 
     def arm(self, after: int, mode: str) -> None:
         with self._lock:
             self._limit, self._mode, self._sent = after, mode, 0
 
-    def cut_all(self) -> None:
-        with self._lock:
-            sockets, self._open = self._open, []
-        for sock in sockets:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST
-            sock.close()
-
     def close(self) -> None:
         self._released.set()
-        self._listener.close()
-        self.cut_all()
+        self.stop()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-                server = socket.create_connection(self.target, timeout=5)
-            except OSError:
-                return
-            server.settimeout(None)
-            with self._lock:
-                self.connections += 1
-                self._open += [client, server]
-            threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(server, client, False), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket, upstream: bool) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, to_target: bool) -> None:
         try:
             while data := src.recv(65536):
                 with self._lock:
-                    if upstream and self._limit is not None:
+                    if to_target and self._limit is not None:
                         self._sent += len(data)
                         tripped = self._sent > self._limit
                     else:

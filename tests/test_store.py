@@ -87,6 +87,19 @@ def test_replace_is_atomic_and_leaves_no_temp_files(store):
     assert [p.name for p in store.directory.iterdir()] == [store.path_for("alice@firm.de").name]
 
 
+
+def test_leftovers_of_an_interrupted_write_are_removed_when_old(store):
+    write(store)
+    old, young = store.directory / ".tmp-old", store.directory / ".tmp-young"
+    old.write_bytes(b"half a token file")
+    young.write_bytes(b"a write still running")
+    hour_ago = os.path.getmtime(old) - 3600
+    os.utime(old, (hour_ago, hour_ago))
+    assert store.remove_leftovers() == 1
+    assert not old.exists() and young.exists()            # a young one may be another process's write
+    assert store.path_for("alice@firm.de").exists()       # the token file itself is never touched
+    assert TokenStore(store.directory / "missing").remove_leftovers() == 0
+
 def test_file_names_are_safe(store):
     assert store.path_for("a/b\\c:d@x").name == "a%2fb%5cc%3ad@x.tokens"
     assert store.path_for("Alice@Firm.DE") == store.path_for("alice@firm.de")

@@ -17,6 +17,7 @@ import time
 from aiosmtpd.smtp import AuthResult, syntax
 
 from ..login import LoginFailed, login
+from ..logs import log_event
 from ..sasl import (SaslError, SaslSyntaxError, decode_login_step, decode_plain, encode_login_prompt,
                     validate_username)
 from .wire import CREDENTIALS_INVALID, login_failure_reply
@@ -31,9 +32,8 @@ class SaslAuthMixin:
     @syntax("AUTH <mechanism>")
     async def smtp_AUTH(self, arg: str) -> None:  # noqa: N802
         """aiosmtpd's AUTH, with the mechanism name case-insensitive (RFC 4954)."""
-        if arg:
-            mechanism, *rest = arg.split()
-            arg = " ".join([mechanism.upper(), *rest])
+        words = arg.split() if arg else []  # (str.split also splits at \x1c-\x1f, which aiosmtpd keeps)
+        arg = " ".join([words[0].upper(), *words[1:]]) if words else ""  # "": aiosmtpd's 501
         await super().smtp_AUTH(arg)  # type: ignore[misc]
 
     async def auth_PLAIN(self, _: object, args: list[str]) -> AuthResult:  # noqa: N802
@@ -100,7 +100,9 @@ class SaslAuthMixin:
         except LoginFailed as failure:
             return _refused(login_failure_reply(failure))
         proxy.throttle.succeeded(username.casefold())
-        log.info("smtp %s login %s ok (%.0f ms)", self.peer, username, (time.monotonic() - started) * 1000)
+        duration = time.monotonic() - started
+        log_event(log, "smtp %s login %s ok (%.0f ms)", self.peer, username, duration * 1000, event="login",
+                  protocol="smtp", peer=self.peer, account=username, result="ok", duration_s=round(duration, 3))
         self._logged_in(username, account, conn)
         return AuthResult(success=True, auth_data=username)
 

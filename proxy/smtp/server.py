@@ -3,7 +3,10 @@
 One :class:`~proxy.smtp.session.ProxySMTP` (aiosmtpd's protocol) per client connection;
 this module owns what they share: the token broker, the failure throttle, how to reach and
 log in to the upstream server, the cache of its EHLO keywords, the deadlines, and the
-connection limit.
+connection limit. TLS towards the client: ``smtp.tls_listen`` (implicit TLS, SMTPS) and
+``smtp.starttls`` on the plain listener (aiosmtpd's STARTTLS; ``required``: no AUTH before it).
+Settings are read from ``self.config`` per session, so :meth:`SmtpProxy.reconfigure` applies a
+reloaded config to new sessions and logins only.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import socket
 import ssl
 from dataclasses import dataclass
 
-from ..config import Config
+from ..config import STARTTLS_OFF, STARTTLS_REQUIRED, Config
 from ..login import Upstream
 from ..throttle import FailureThrottle
 from ..tokens import TokenBroker
@@ -50,21 +53,30 @@ class SmtpProxy:
     """``start()`` listens on ``config.smtp.listen``; ``close()`` ends every session."""
 
     def __init__(self, config: Config, broker: TokenBroker, *, upstream_tls: ssl.SSLContext,
-                 throttle: FailureThrottle | None = None, timeouts: Timeouts = Timeouts()):
+                 throttle: FailureThrottle | None = None, timeouts: Timeouts = Timeouts(),
+                 server_tls: ssl.SSLContext | None = None):
         self.config = config
         self.broker = broker
         self.throttle = throttle or FailureThrottle()
         self.timeouts = timeouts
         self.hostname = local_hostname()
+        self.upstream_tls = upstream_tls
+        self.server_tls = server_tls  # for smtp.tls_listen and STARTTLS
         self.server: asyncio.AbstractServer | None = None
+        self.tls_server: asyncio.AbstractServer | None = None
         self.sessions: set[ProxySMTP] = set()
-        settings = config.smtp
+        # Made by the listener but not connected yet: asyncio accepts a burst of connections and
+        # makes all their protocols before any is connected, so these count towards the limit too.
+        self._starting: set[ProxySMTP] = set()
+        self.draining = False
 
         async def connect() -> upstream.Connection:
-            return await upstream.connect(settings.upstream, settings.upstream_tls, upstream_tls, self.hostname)
+            settings = self.config.smtp
+            return await upstream.connect(settings.upstream, settings.upstream_tls, self.upstream_tls, self.hostname)
 
         async def probe() -> dict[str, str]:
-            return await upstream.probe(settings.upstream, settings.upstream_tls, upstream_tls, self.hostname)
+            settings = self.config.smtp
+            return await upstream.probe(settings.upstream, settings.upstream_tls, self.upstream_tls, self.hostname)
 
         self.login_upstream: Upstream[upstream.Connection] = Upstream(
             connect=connect, authenticate=upstream.authenticate,
@@ -75,27 +87,74 @@ class SmtpProxy:
         # aiosmtpd logs every command (and message lines at DEBUG), and warns about its own
         # deprecated Session.login_data at each AUTH: keep it to real errors.
         logging.getLogger("mail.log").setLevel(logging.ERROR)
-        listen = self.config.smtp.listen
+        settings = self.config.smtp
         loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(self._protocol, listen.host, listen.port, backlog=1024)
+        self.server = await loop.create_server(self._protocol, settings.listen.host, settings.listen.port,
+                                               backlog=1024)
         self.extensions.refresh()
-        log.info("SMTP listening on %s, upstream %s (%s)",
-                 ", ".join(_sockname(s) for s in self.server.sockets), self.config.smtp.upstream,
-                 "STARTTLS" if self.config.smtp.upstream_tls == "starttls" else "implicit TLS")
+        starttls = {STARTTLS_OFF: "", STARTTLS_REQUIRED: " (STARTTLS required)"}.get(settings.starttls,
+                                                                                    " (STARTTLS offered)")
+        log.info("SMTP listening on %s%s, upstream %s (%s)",
+                 ", ".join(_sockname(s) for s in self.server.sockets), starttls, settings.upstream,
+                 "STARTTLS" if settings.upstream_tls == "starttls" else "implicit TLS")
+        if settings.tls_listen is not None:
+            tls = settings.tls_listen
+            self.tls_server = await loop.create_server(lambda: self._protocol(tls=True), tls.host, tls.port,
+                                                       backlog=1024, ssl=self.server_tls,
+                                                       ssl_handshake_timeout=30.0)
+            log.info("SMTPS (implicit TLS) listening on %s", ", ".join(_sockname(s) for s in self.tls_server.sockets))
         return self.server
 
-    def _protocol(self) -> asyncio.Protocol:
-        if len(self.sessions) >= self.config.limits.max_connections:
+    @property
+    def listening(self) -> bool:
+        """All configured listeners are bound and accepting."""
+        return self.server is not None and all(s.is_serving() for s in (self.server, self.tls_server) if s)
+
+    def reconfigure(self, config: Config, upstream_tls: ssl.SSLContext) -> None:
+        """Use ``config`` for new sessions and logins; open sessions keep going."""
+        old, self.config, self.upstream_tls = self.config, config, upstream_tls
+        if (old.smtp.upstream, old.smtp.upstream_tls) != (config.smtp.upstream, config.smtp.upstream_tls):
+            self.extensions.refresh()
+
+    def _protocol(self, tls: bool = False) -> asyncio.Protocol:
+        if len(self.sessions) + len(self._starting) >= self.config.limits.max_connections:
             return _Refuse()
-        session = ProxySMTP(self)
+        session = ProxySMTP(self, implicit_tls=tls) if tls else ProxySMTP(self)
+        self._starting.add(session)  # until register(), or the TLS handshake's deadline has passed
+        asyncio.get_running_loop().call_later(35.0, self._starting.discard, session)
+        return session
+
+    def register(self, session: ProxySMTP) -> None:
+        """A session's connection is up (after the TLS handshake on the SMTPS listener: a failed
+        handshake never makes a session)."""
+        self._starting.discard(session)
         self.sessions.add(session)
         session.closed.add_done_callback(lambda _: self.sessions.discard(session))
-        return session
+
+    def stop_listening(self) -> None:
+        for server in (self.server, self.tls_server):
+            if server is not None:
+                server.close()
+
+    async def drain(self, grace: float) -> int:
+        """Stop listening and close sessions as they become idle: a session in the middle of a
+        command or a mail transaction finishes it first (its client gets the upstream's reply
+        for the message), then gets ``421`` and is closed. After ``grace`` seconds the rest are
+        cut. Returns how many had to be cut."""
+        self.stop_listening()
+        self.draining = True
+        for session in list(self.sessions):
+            session.close_when_idle()
+        sessions = [s.closed for s in self.sessions]
+        if sessions:
+            await asyncio.wait(sessions, timeout=grace)
+        left = len(self.sessions)
+        await self.close()
+        return left
 
     async def close(self) -> None:
         """Stop listening, tell open sessions the proxy is going away, and close them."""
-        if self.server is not None:
-            self.server.close()
+        self.stop_listening()
         sessions = list(self.sessions)
         for session in sessions:
             session.shutdown()

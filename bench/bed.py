@@ -1,0 +1,257 @@
+"""The benchmark's test bed: identity provider, Dovecot, SMTP sink and the proxy, each in its own process.
+
+Every peer runs in a separate process so that none of them competes with the benchmark client
+for its interpreter lock: the identity provider (``python -m tests.idp``), a discarding SMTP
+sink (``python -m bench.sink``), a Dovecot tuned for thousands of sessions (:class:`BenchDovecot`)
+and ``python -m proxy serve`` (through tests/harness.py's :class:`ProxyProcess`). The account is
+authorized with the real ``proxy authorize`` and the tests' fake browser.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.dovecot import Dovecot
+from tests.harness import ProxyProcess, authorize, free_port, wait_port, write_config
+from tests.pki import TestPKI
+
+ROOT = Path(__file__).resolve().parent.parent
+CLIENT_ID = "test-client"
+
+
+def raise_fd_limit() -> int:
+    """Raise this process's open-file limit to its hard limit (children inherit it); returns it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if os.geteuid() == 0 and hard != resource.RLIM_INFINITY and hard < 65536:
+        try:  # root may raise the hard limit too (CAP_SYS_RESOURCE)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (65536, 65536))
+            return 65536
+        except (ValueError, OSError):
+            pass
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+class IdpProcess:
+    """``python -m tests.idp`` in a subprocess; controlled over HTTPS (``/_test/<method>``)."""
+
+    def __init__(self, directory: Path):
+        directory.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen([sys.executable, "-m", "tests.idp", "--port", "0", "--dir", str(directory)],
+                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT, text=True)
+        line = self.process.stdout.readline().strip()
+        if not line.startswith("https://"):
+            self.stop()
+            raise RuntimeError(f"the identity provider did not start ({line!r})")
+        self.url = line
+        self.pki = TestPKI(directory / "ca.pem", directory / "server.pem", directory / "server.key")
+        self._context = ssl.create_default_context(cafile=str(self.pki.ca_file))
+        self.client_id = CLIENT_ID
+
+    # what tests/harness.py and tests/dovecot.py read from an identity provider
+    def authority(self, tenant: str = "test-tenant") -> str:
+        return f"{self.url}/{tenant}"
+
+    @property
+    def introspection_url(self) -> str:
+        return f"{self.url}/introspect"
+
+    def control(self, name: str, **kwargs):
+        request = urllib.request.Request(f"{self.url}/_test/{name}", data=json.dumps(kwargs).encode(),
+                                         headers={"Content-Type": "application/json"}, method="POST")
+        with urllib.request.urlopen(request, context=self._context, timeout=10) as response:
+            return json.load(response)["result"]
+
+    def mint_access_token(self, user: str, lifetime: int = 7200) -> str:
+        return self.control("mint_access_token", user=user, lifetime=lifetime)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+class SinkProcess:
+    """``python -m bench.sink``: an SMTP server on loopback that discards every message."""
+
+    def __init__(self):
+        self.port = free_port()
+        self.process = subprocess.Popen([sys.executable, "-m", "bench.sink", "--port", str(self.port)],
+                                        stdin=subprocess.DEVNULL, cwd=ROOT)
+        wait_port("127.0.0.1", self.port, process=self.process)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+
+
+class BenchDovecot(Dovecot):
+    """tests/dovecot.py's Dovecot, tuned to hold thousands of sessions from one user and address.
+
+    - ``mail_max_userip_connections`` raised (the proxy and the direct client connect as one
+      user from 127.0.0.1);
+    - imap-login in "high-performance mode" (``service_count = 0``, one long-lived process per
+      core, many clients each), and imap processes serving many clients each, so 5,000 sessions
+      need some 50 processes instead of 5,000;
+    - logins: Dovecot's auth cache keyed on the token is left off (every login introspects the
+      token at the identity provider, as Microsoft's servers validate every token).
+    """
+
+    def __init__(self, *args, max_sessions: int = 6000, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.max_sessions = max_sessions
+
+    def config_text(self) -> str:
+        text = super().config_text()
+        for expected in ("mail_max_userip_connections = 1000", "service imap-login {"):
+            if expected not in text:
+                raise RuntimeError(f"tests/dovecot.py changed: no {expected!r} in its configuration to tune")
+        text = text.replace("mail_max_userip_connections = 1000",
+                            f"mail_max_userip_connections = {self.max_sessions * 3}")
+        per_process = 200
+        processes = max(4, self.max_sessions * 2 // per_process + 2)
+        login_clients = self.max_sessions * 2 + 1000
+        text = text.replace("service imap-login {", f"""service imap-login {{
+  service_count = 0
+  process_min_avail = {os.cpu_count() or 2}
+  process_limit = {max(4, os.cpu_count() or 2)}
+  client_limit = {login_clients}
+  vsz_limit = 2G""", 1)
+        return text + f"""
+service imap {{
+  service_count = 0
+  process_limit = {processes}
+  client_limit = {per_process}
+  vsz_limit = 1G
+}}
+service auth {{
+  client_limit = {login_clients + 100}
+}}
+service anvil {{
+  client_limit = {login_clients + 100}
+}}
+default_client_limit = {login_clients}
+imap_idle_notify_interval = 30 mins
+"""
+
+
+class ServeProcess(ProxyProcess):
+    """tests/harness.py's ProxyProcess (``python -m proxy serve``), optionally on uvloop's event loop."""
+
+    def __init__(self, config_path: Path, pki: TestPKI, *, log_level: str = "INFO", uvloop: bool = False):
+        command: tuple[str, ...] = (sys.executable, "-m", "proxy")
+        if uvloop:  # uvloop.install() before the CLI's asyncio.run(): the same proxy code on libuv's loop.
+            command = (sys.executable, "-c",
+                       "import sys, uvloop; uvloop.install(); from proxy.cli import main; sys.exit(main())")
+        super().__init__(config_path, pki, log_level=log_level, command=command)
+
+
+@dataclass
+class Account:
+    user: str
+    password: str
+
+
+class Bed:
+    """Everything the benchmarks talk to. ``start()`` brings it up, ``stop()`` tears it down."""
+
+    def __init__(self, *, max_sessions: int = 6000, keep: bool = False, log=print):
+        self.max_sessions = max_sessions
+        self.keep = keep
+        self.log = log
+        self.workdir = Path(tempfile.mkdtemp(prefix="bench-"))
+        self.workdir.chmod(0o755)  # Dovecot's processes run as other users
+        self.idp: IdpProcess | None = None
+        self.sink: SinkProcess | None = None
+        self.dovecot: BenchDovecot | None = None
+        self.proxy: ServeProcess | None = None
+        self.config_path: Path | None = None
+        self.account = Account("bench@example.com", "bench local password")
+        self.uvloop = False
+
+    def start(self, uvloop: bool = False) -> "Bed":
+        started = time.monotonic()
+        self.fd_limit = raise_fd_limit()
+        if self.fd_limit < 2 * self.max_sessions + 200:
+            self.log(f"warning: open-file limit {self.fd_limit} is too low for {self.max_sessions} sessions "
+                     f"through the proxy (2 per session): run as root or raise `ulimit -Hn`")
+        self.idp = IdpProcess(self.workdir / "idp")
+        self.sink = SinkProcess()
+        self.dovecot = BenchDovecot(self.workdir / "dovecot", self.idp.pki, self.idp, self.sink.port,
+                                    max_sessions=self.max_sessions)
+        self.dovecot.start()
+        self.config_path = write_config(
+            self.workdir / "proxy", idp=self.idp, pki=self.idp.pki, dovecot=self.dovecot,
+            accounts=[self.account.user],
+            limits={"max_connections": self.max_sessions * 2 + 1000})
+        result = authorize(self.config_path, self.account.user, self.account.password, self.idp.pki)
+        if result.returncode != 0:
+            raise RuntimeError(f"proxy authorize failed:\n{result.stderr}")
+        self.start_proxy(uvloop)
+        self.direct_token = self.idp.mint_access_token(self.account.user)
+        self.log(f"test bed up in {time.monotonic() - started:.1f} s (fd limit {self.fd_limit}, "
+                 f"work dir {self.workdir})")
+        return self
+
+    def start_proxy(self, uvloop: bool | None = None) -> None:
+        """(Re)start ``proxy serve`` (a fresh process, for measurements not flattered by memory that
+        earlier sessions left free in its heap)."""
+        if uvloop is not None:
+            self.uvloop = uvloop
+        if self.proxy is not None:
+            self.proxy.stop()
+        self.proxy = ServeProcess(self.config_path, self.idp.pki, log_level="INFO", uvloop=self.uvloop)
+        wait_port("127.0.0.1", self.proxy.smtp_port, process=self.proxy.process)
+
+    @property
+    def imap_direct(self) -> tuple[str, int]:
+        return self.dovecot.imap_host, self.dovecot.imap_port
+
+    @property
+    def imap_proxy(self) -> tuple[str, int]:
+        return "127.0.0.1", self.proxy.imap_port
+
+    @property
+    def smtp_direct(self) -> tuple[str, int]:
+        return self.dovecot.submission_host, self.dovecot.submission_port
+
+    @property
+    def smtp_proxy(self) -> tuple[str, int]:
+        return "127.0.0.1", self.proxy.smtp_port
+
+    def client_tls(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.idp.pki.ca_file))
+
+    def stop(self) -> None:
+        for part in (self.proxy, self.dovecot, self.sink, self.idp):
+            if part is not None:
+                try:
+                    part.stop()
+                except Exception as exc:  # keep tearing down the rest
+                    self.log(f"stopping {part.__class__.__name__}: {exc}")
+        if not self.keep:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> "Bed":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

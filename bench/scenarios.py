@@ -1,0 +1,455 @@
+"""The measurements. Each scenario runs direct and through the proxy in the same run, interleaved
+(direct, proxy, proxy, direct, ...), and returns :class:`Row` objects for the table.
+
+"direct": the benchmark client → Dovecot's IMAPS (TLS on the client) with AUTHENTICATE XOAUTH2
+and an access token it holds; "proxy": the same client → the proxy on loopback without TLS,
+LOGIN with the local password; the proxy holds the token in memory and talks IMAPS to Dovecot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import smtplib
+import socket
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from bench.bed import Bed
+from bench.imap import AsyncImap, ImapError, SyncImap, Target, make_message
+from tests.harness import cpu_seconds, rss_kib
+
+
+@dataclass
+class Sizes:
+    runs: int = 5
+    messages: int = 200
+    message_size: int = 500_000
+    big_size: int = 30_000_000
+    logins: int = 200            # sequential logins per run (latency)
+    login_clients: int = 50
+    logins_concurrent: int = 1500  # logins per run with login_clients clients
+    burst: int = 500
+    idle: int = 5000
+    idle_runs: int = 2
+    stall_seconds: float = 5.0
+    smtp_messages: int = 100
+    smtp_message_size: int = 5_000
+    smtp_big_size: int = 10_000_000
+
+    @classmethod
+    def smoke(cls) -> "Sizes":
+        return cls(runs=2, messages=5, message_size=50_000, big_size=1_000_000, logins=10, login_clients=5,
+                   logins_concurrent=20, burst=10, idle=20, idle_runs=1, stall_seconds=1.0, smtp_messages=5,
+                   smtp_big_size=500_000)
+
+
+@dataclass
+class Row:
+    """One line of the table. ``direct``/``proxy`` are the per-run figures (empty: not measured)."""
+
+    name: str
+    unit: str
+    direct: list[float] = field(default_factory=list)
+    proxy: list[float] = field(default_factory=list)
+    target: str = ""
+    check: Callable[["Row"], bool] | None = None
+    higher_is_better: bool = True
+    note: str = ""
+
+    @property
+    def ratio(self) -> float | None:
+        if self.direct and self.proxy and statistics.median(self.direct):
+            return statistics.median(self.proxy) / statistics.median(self.direct)
+        return None
+
+    @property
+    def passed(self) -> bool | None:
+        if self.check is None:
+            return None
+        if not self.proxy:
+            return False
+        try:
+            return bool(self.check(self))
+        except (TypeError, ValueError, ZeroDivisionError):  # a side without figures
+            return False
+
+    def median(self, side: str) -> float:
+        return statistics.median(getattr(self, side))
+
+
+class Context:
+    def __init__(self, bed: Bed, sizes: Sizes, log: Callable[[str], None]):
+        self.bed, self.sizes, self.log = bed, sizes, log
+        acc = bed.account
+        self.direct = Target("direct", *bed.imap_direct, acc.user, bed.direct_token, bed.client_tls())
+        self.proxy = Target("proxy", *bed.imap_proxy, acc.user, acc.password)
+
+    def targets(self, run: int) -> list[Target]:
+        """Both targets, alternating which goes first so neither always runs on a warmer machine."""
+        return [self.direct, self.proxy] if run % 2 == 0 else [self.proxy, self.direct]
+
+    @property
+    def proxy_pid(self) -> int:
+        return self.bed.proxy.pid
+
+
+# ------------------------------------------------------------------------------ fill the mailbox
+def fill(ctx: Context) -> None:
+    s = ctx.sizes
+    started = time.monotonic()
+    client = SyncImap(ctx.direct)
+    client.login()
+    client.command(b"CREATE Big")
+    for i in range(s.messages):
+        client.append(b"INBOX", make_message(s.message_size, i))
+    client.append(b"Big", make_message(s.big_size, 10**6))
+    client.close()
+    os.sync()  # let the disk writes settle before anything is timed
+    ctx.log(f"mailbox filled: {s.messages} × {s.message_size:,} B in INBOX, 1 × {s.big_size:,} B in Big "
+            f"({time.monotonic() - started:.1f} s)")
+
+
+# ------------------------------------------------------------------------------ 1. FETCH throughput
+def _fetch_once(target: Target, mailbox: bytes, expected: int, pid: int | None) -> tuple[float, float]:
+    client = SyncImap(target)
+    try:
+        client.login()
+        client.command(b"SELECT " + mailbox)
+        cpu0 = cpu_seconds(pid) if pid else 0.0
+        started = time.perf_counter()
+        _, received = client.command(b"FETCH 1:* BODY.PEEK[]")
+        elapsed = time.perf_counter() - started
+        cpu = (cpu_seconds(pid) - cpu0) / elapsed if pid else 0.0
+    finally:
+        client.close()
+    if received != expected:
+        raise ImapError(f"FETCH returned {received} bytes of literals, expected {expected}")
+    return received / elapsed / 1e6, cpu
+
+
+def fetch(ctx: Context) -> list[Row]:
+    s = ctx.sizes
+    rows = []
+    for label, mailbox, expected in ((f"FETCH {s.messages} × {s.message_size / 1e3:g} kB", b"INBOX",
+                                      s.messages * s.message_size),
+                                     (f"FETCH 1 × {s.big_size / 1e6:g} MB", b"Big", s.big_size)):
+        row = Row(label, "MB/s", target="proxy ≥ 90 % of direct", check=lambda r: r.ratio >= 0.9)
+        cpu = Row(f"  proxy CPU during {label}", "cores", note="the proxy process only; 2 cores in all")
+        for target in (ctx.direct, ctx.proxy):  # warm the page cache and both paths
+            _fetch_once(target, mailbox, expected, None)
+        for run in range(s.runs):
+            for target in ctx.targets(run):
+                rate, load = _fetch_once(target, mailbox, expected, ctx.proxy_pid if target is ctx.proxy else None)
+                getattr(row, target.name).append(rate)
+                if target is ctx.proxy:
+                    cpu.proxy.append(load)
+        ctx.log(f"{label}: direct {row.median('direct'):.0f} MB/s, proxy {row.median('proxy'):.0f} MB/s")
+        rows += [row, cpu]
+    return rows
+
+
+# ------------------------------------------------------------------------------ 2. logins
+def _login_and_close(target: Target) -> None:
+    client = SyncImap(target)
+    client.login()
+    client.close()
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def login_latency(ctx: Context) -> list[Row]:
+    s = ctx.sizes
+    p50 = Row("LOGIN → OK, p50 (cached token)", "ms", target="proxy ≤ direct + 5 ms", higher_is_better=False,
+              check=lambda r: r.median("proxy") <= r.median("direct") + 5)
+    p99 = Row("LOGIN → OK, p99", "ms", higher_is_better=False)
+    full = Row("connect → logged in, p50", "ms", higher_is_better=False,
+               note="includes the client's TLS handshake when direct")
+    for target in (ctx.direct, ctx.proxy):  # warm-up (the proxy unlocks the account at its first login)
+        for _ in range(3):
+            _login_and_close(target)
+    for run in range(s.runs):
+        for target in ctx.targets(run):
+            latencies, totals = [], []
+            for _ in range(s.logins):
+                started = time.perf_counter()
+                client = SyncImap(target, timeout=30)
+                latencies.append(client.login())
+                totals.append(time.perf_counter() - started)
+                client.close()
+            getattr(p50, target.name).append(_percentile(latencies, 0.5) * 1000)
+            getattr(p99, target.name).append(_percentile(latencies, 0.99) * 1000)
+            getattr(full, target.name).append(_percentile(totals, 0.5) * 1000)
+    ctx.log(f"LOGIN p50: direct {p50.median('direct'):.1f} ms, proxy {p50.median('proxy'):.1f} ms")
+    return [p50, p99, full]
+
+
+async def _login_loop(target: Target, clients: int, total: int) -> tuple[int, int, float]:
+    remaining = total
+    done = failed = 0
+
+    async def worker() -> None:
+        nonlocal remaining, done, failed
+        while remaining > 0:
+            remaining -= 1
+            client = AsyncImap(target)
+            try:
+                await asyncio.wait_for(_connect_login(client), 30)
+                done += 1
+            except (OSError, ImapError, asyncio.TimeoutError, ConnectionError):
+                failed += 1
+            finally:
+                client.abort()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    return done, failed, time.perf_counter() - started
+
+
+async def _connect_login(client: AsyncImap) -> None:
+    await client.connect()
+    await client.login()
+    client.writer.write(b"z LOGOUT\r\n")
+
+
+def login_rate(ctx: Context) -> list[Row]:
+    s = ctx.sizes
+    row = Row(f"logins/s, {s.login_clients} clients", "1/s", target="proxy ≥ 300/s",
+              check=lambda r: r.median("proxy") >= 300)
+    cpu = Row("  proxy CPU during those logins", "cores")
+    failures = 0
+    for run in range(s.runs):
+        for target in ctx.targets(run):
+            cpu0 = cpu_seconds(ctx.proxy_pid)
+            done, failed, elapsed = asyncio.run(_login_loop(target, s.login_clients, s.logins_concurrent))
+            failures += failed
+            getattr(row, target.name).append(done / elapsed)
+            if target is ctx.proxy:
+                cpu.proxy.append((cpu_seconds(ctx.proxy_pid) - cpu0) / elapsed)
+    if failures:
+        row.note = f"{failures} logins failed"
+    ctx.log(f"logins/s: direct {row.median('direct'):.0f}, proxy {row.median('proxy'):.0f}")
+    return [row, cpu]
+
+
+# ------------------------------------------------------------------------------ 3. burst
+async def _burst(target: Target, n: int) -> tuple[int, int, float]:
+    greeted = logged_in = 0
+    gate = asyncio.Event()
+    clients = [AsyncImap(target) for _ in range(n)]
+
+    async def one(client: AsyncImap) -> None:
+        nonlocal greeted, logged_in
+        await gate.wait()
+        await client.connect()
+        greeted += 1
+        await client.login()
+        logged_in += 1
+
+    tasks = [asyncio.ensure_future(asyncio.wait_for(one(c), 30)) for c in clients]
+    await asyncio.sleep(0)
+    started = time.perf_counter()
+    gate.set()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    elapsed = time.perf_counter() - started
+    for client in clients:
+        if client.writer is not None:
+            await client.logout()
+    return greeted, logged_in, elapsed
+
+
+def burst(ctx: Context) -> list[Row]:
+    s = ctx.sizes
+    n = s.burst
+    greeted = Row(f"burst of {n}: greeted", "clients", target=f"all {n}", check=lambda r: min(r.proxy) == n)
+    logged = Row(f"burst of {n}: logged in", "clients", target=f"all {n}", check=lambda r: min(r.proxy) == n)
+    seconds = Row(f"burst of {n}: until the last is logged in", "s", higher_is_better=False)
+    for run in range(s.runs):
+        for target in ctx.targets(run):
+            g, li, elapsed = asyncio.run(_burst(target, n))
+            getattr(greeted, target.name).append(g)
+            getattr(logged, target.name).append(li)
+            getattr(seconds, target.name).append(elapsed)
+            time.sleep(1)  # let both servers close the sessions
+    ctx.log(f"burst: proxy logged in {logged.proxy}, direct {logged.direct}")
+    return [greeted, logged, seconds]
+
+
+# ------------------------------------------------------------------------------ 4. idle sessions
+async def _idle(target: Target, n: int, pid: int, concurrency: int = 100) -> tuple[int, float, int]:
+    """Open ``n`` IDLE sessions; returns (sessions still alive at the end, proxy KiB per session, errors)."""
+    gate = asyncio.Semaphore(concurrency)
+    clients: list[AsyncImap] = []
+    errors = 0
+
+    async def one() -> None:
+        nonlocal errors
+        client = AsyncImap(target)
+        async with gate:
+            try:
+                await asyncio.wait_for(_open_idle(client), 60)
+                clients.append(client)
+            except (OSError, ImapError, asyncio.TimeoutError, ConnectionError):
+                errors += 1
+                client.abort()
+
+    await asyncio.sleep(1)
+    gc.collect()
+    before = rss_kib(pid)
+    await asyncio.gather(*(one() for _ in range(n)))
+    await asyncio.sleep(2)  # let the dust settle: nothing should be in flight any more
+    after = rss_kib(pid)
+    per_session = (after - before) / max(1, len(clients))
+    alive = 0
+
+    async def leave(client: AsyncImap) -> None:
+        nonlocal alive
+        try:
+            await asyncio.wait_for(client.done(), 30)
+            alive += 1
+        except (OSError, ImapError, asyncio.TimeoutError, ConnectionError):
+            pass
+        finally:
+            client.abort()
+
+    for start in range(0, len(clients), 500):
+        await asyncio.gather(*(leave(c) for c in clients[start:start + 500]))
+    return alive, per_session, errors
+
+
+async def _open_idle(client: AsyncImap) -> None:
+    await client.connect()
+    await client.login()
+    await client.idle()
+
+
+def idle(ctx: Context) -> list[Row]:
+    s = ctx.sizes
+    n = s.idle
+    held = Row(f"IDLE sessions held (of {n:,})", "sessions", target=f"proxy ≥ {n:,}", check=lambda r: min(r.proxy) >= n)
+    memory = Row("  proxy resident memory per IDLE session", "KiB", target="≤ 50 kB", higher_is_better=False,
+                 check=lambda r: r.median("proxy") * 1.024 <= 50)
+    for run in range(s.idle_runs):
+        for target in ctx.targets(run):
+            if target is ctx.proxy:  # a fresh proxy: no heap left free by earlier scenarios' sessions
+                ctx.bed.start_proxy()
+                for _ in range(3):  # the first login unlocks the account (key derivation)
+                    _login_and_close(target)
+            alive, per_session, errors = asyncio.run(_idle(target, n, ctx.proxy_pid))
+            getattr(held, target.name).append(alive)
+            if target is ctx.proxy:
+                memory.proxy.append(per_session)
+            ctx.log(f"idle {target.name}: {alive} of {n} held ({errors} failed to open)"
+                    + (f", proxy {per_session:.1f} KiB per session" if target is ctx.proxy else ""))
+            _wait_sessions_gone(ctx)
+    return [held, memory]
+
+
+def _wait_sessions_gone(ctx: Context, timeout: float = 60) -> None:
+    """Wait until the proxy's open-file count is back near its baseline (sessions closed)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if len(os.listdir(f"/proc/{ctx.proxy_pid}/fd")) < 64:
+            break
+        time.sleep(0.5)
+    time.sleep(1)
+
+
+# ------------------------------------------------------------------------------ 5. stalled reader
+def stall(ctx: Context) -> list[Row]:
+    """A client stops reading 1 MB into a large FETCH; the proxy must stop reading upstream."""
+    s = ctx.sizes
+    cpu = Row("stalled reader: proxy CPU while stalled", "% core", target="≈ 0 (≤ 1 %)", higher_is_better=False,
+              check=lambda r: max(r.proxy) <= 1.0)
+    growth = Row("stalled reader: proxy RSS growth while stalled", "KiB", target="flat (≤ 256 KiB)",
+                 higher_is_better=False, check=lambda r: max(r.proxy) <= 256)
+    held = Row("stalled reader: proxy RSS above an idle session", "KiB", target="bounded (≤ 2 MiB)",
+               higher_is_better=False, check=lambda r: max(r.proxy) <= 2048)
+    unread = Row("stalled reader: bytes not yet read by the client", "MB",
+                 note="held back by backpressure: upstream, and in kernel socket buffers (not the proxy's memory)")
+    pid = ctx.proxy_pid
+    first = min(1_000_000, s.big_size // 2)
+    for _ in range(max(1, min(3, s.runs))):
+        client = SyncImap(ctx.proxy)
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 256 * 1024)  # a client that reads no more
+        client.login()
+        client.command(b"SELECT Big")
+        time.sleep(0.5)
+        base = rss_kib(pid)
+        tag = client.send(b"FETCH 1 BODY.PEEK[]")
+        header = client.readline()  # "* 1 FETCH (BODY[] {size}"
+        size = int(header.rsplit(b"{", 1)[1].split(b"}", 1)[0])
+        taken = client.received - (client._end - client._start)  # socket bytes up to the literal
+        client.skip(first)          # read the first megabyte, then stop reading
+        time.sleep(1.0)             # the buffers fill up, the proxy stops reading upstream
+        cpu0, rss0, t0 = cpu_seconds(pid), rss_kib(pid), time.perf_counter()
+        time.sleep(s.stall_seconds)
+        cpu1, rss1, t1 = cpu_seconds(pid), rss_kib(pid), time.perf_counter()
+        cpu.proxy.append((cpu1 - cpu0) / (t1 - t0) * 100)
+        growth.proxy.append(max(0, rss1 - rss0))
+        held.proxy.append(max(0, rss1 - base))
+        unread.proxy.append((size - (client.received - taken)) / 1e6)
+        client.skip(size - first)   # read on: everything must still arrive
+        line, _ = client.response(tag)
+        if not line.startswith(tag + b" OK"):
+            raise ImapError(f"FETCH after the stall: {line[:100]!r}")
+        client.close()
+    ctx.log(f"stalled reader: proxy CPU {max(cpu.proxy):.2f} %, RSS growth {max(growth.proxy):.0f} KiB")
+    return [cpu, growth, held, unread]
+
+
+# ------------------------------------------------------------------------------ 6. SMTP
+def _smtp(ctx: Context, direct: bool) -> smtplib.SMTP:
+    bed, acc = ctx.bed, ctx.bed.account
+    if direct:
+        host, port = bed.smtp_direct
+        smtp = smtplib.SMTP(host, port, timeout=120)
+        smtp.starttls(context=bed.client_tls())
+        smtp.ehlo()
+        xoauth2 = f"user={acc.user}\x01auth=Bearer {bed.direct_token}\x01\x01"
+        smtp.auth("XOAUTH2", lambda challenge=None: xoauth2, initial_response_ok=False)
+    else:
+        host, port = bed.smtp_proxy
+        smtp = smtplib.SMTP(host, port, timeout=120)
+        smtp.login(acc.user, acc.password)
+    smtp.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return smtp
+
+
+def smtp(ctx: Context) -> list[Row]:
+    s = ctx.sizes
+    rate = Row(f"SMTP messages/s ({s.smtp_message_size / 1e3:g} kB, one session)", "1/s")
+    big = Row(f"SMTP {s.smtp_big_size / 1e6:g} MB message", "MB/s",
+              note="the proxy takes the whole message before relaying it (250 only after upstream's 250)")
+    small = make_message(s.smtp_message_size, 1)
+    large = make_message(s.smtp_big_size, 2)
+    sender, rcpt = ctx.bed.account.user, ["someone@example.com"]
+    for direct in (True, False):  # warm-up
+        conn = _smtp(ctx, direct)
+        conn.sendmail(sender, rcpt, small)
+        conn.quit()
+    for run in range(s.runs):
+        for target in ctx.targets(run):
+            direct = target is ctx.direct
+            conn = _smtp(ctx, direct)
+            started = time.perf_counter()
+            for _ in range(s.smtp_messages):
+                conn.sendmail(sender, rcpt, small)
+            getattr(rate, target.name).append(s.smtp_messages / (time.perf_counter() - started))
+            started = time.perf_counter()
+            conn.sendmail(sender, rcpt, large)
+            getattr(big, target.name).append(len(large) / (time.perf_counter() - started) / 1e6)
+            conn.quit()
+    ctx.log(f"SMTP: direct {rate.median('direct'):.0f} msg/s, proxy {rate.median('proxy'):.0f} msg/s")
+    return [rate, big]
+
+
+SCENARIOS = {"fetch": fetch, "login": login_latency, "rate": login_rate, "burst": burst, "idle": idle,
+             "stall": stall, "smtp": smtp}
+

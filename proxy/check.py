@@ -1,0 +1,366 @@
+"""`proxy check [USER]`: diagnose the setup end to end, without a mail client.
+
+Steps, each printed as ``ok``/``FAIL``/``skip`` with what to do on failure:
+
+1. the config (it loaded, so it is valid; the accounts it lists);
+2. the identity provider answers its OpenID configuration (and the app-only authority, if any);
+3. with USER: a token can be obtained *now* (a forced refresh, or an app-only token) and carries
+   the permissions IMAP and SMTP need;
+4. the upstream IMAP and SMTP servers are reachable with verified TLS and offer XOAUTH2, and
+   with USER they accept the token for the account's mailbox.
+
+The probes use the proxy's own upstream code (proxy/imap/upstream.py, proxy/smtp/upstream.py),
+so a passing check means the proxy's real login path works. (aioimaplib would be the obvious
+IMAP client, but it is GPL-3.0-only and the proxy is Apache-2.0: it stays a test dependency.)
+A refresh done here is saved to the token file like the proxy's own refreshes. Nothing printed
+contains a token or a password.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import getpass
+import json
+import sys
+import time
+from typing import Any, TextIO
+
+import requests
+
+from .config import FLOW_CLIENT_CREDENTIALS, AccountConfig, Config
+from .hints import hint_for, imap_refused_hint, smtp_refused_hint
+from .imap import upstream as imap_upstream
+from .login import TokenRejected, UpstreamError
+from .logs import register_secret
+from .smtp import upstream as smtp_upstream
+from .smtp.server import local_hostname
+from .store import NoTokens, StoreError, TokenStore
+from .tls import client_context
+from .tokens import LoginRefused, TokenBroker, TokenError, _TimeoutSession, describe_msal_error, \
+    make_app_only_msal_app
+
+IMAP_PERMISSIONS = ("IMAP.AccessAsUser.All", "IMAP.AccessAsApp")
+SMTP_PERMISSIONS = ("SMTP.Send", "SMTP.SendAsApp")
+
+
+class Report:
+    """Prints the result lines and counts failures."""
+
+    def __init__(self, out: TextIO):
+        self.out, self.failures = out, 0
+
+    def ok(self, what: str, detail: str = "") -> None:
+        self._line("ok  ", what, detail)
+
+    def skip(self, what: str, detail: str) -> None:
+        self._line("skip", what, detail)
+
+    def fail(self, what: str, problem: str, todo: str | None) -> None:
+        self.failures += 1
+        self._line("FAIL", what, problem)
+        if todo:
+            print(f"      what to do: {todo}", file=self.out, flush=True)
+
+    def _line(self, mark: str, what: str, detail: str) -> None:
+        print(f"{mark}  {what}" + (f": {detail}" if detail else ""), file=self.out, flush=True)
+
+
+async def run_check(config: Config, user: str | None, *, password_stdin: bool = False,
+                    out: TextIO = sys.stdout) -> int:
+    report = Report(out)
+    account = _account(config, user) if user else None
+    if user and account is None:
+        names = ", ".join(a.username for a in config.accounts)
+        print(f"proxy: {user} is not in the config's accounts (configured: {names})", file=sys.stderr)
+        return 2
+    password = None
+    if account is not None and account.flow != FLOW_CLIENT_CREDENTIALS:
+        password = _read_password(account, password_stdin)
+    report.ok("config", f"{config.source or 'config'} is valid; {len(config.accounts)} account(s)")
+    idp_ok = await _check_identity(config, report, account)
+    token = None
+    if account is not None:
+        if not idp_ok:
+            report.skip(f"token for {account.username}", "the identity provider is not reachable")
+        else:
+            token = await _check_token(config, report, account, password)
+    else:
+        _check_authorizations(config, report)
+    timeout = config.limits.login_timeout
+    await _check_imap(config, report, account, token, timeout)
+    await _check_smtp(config, report, account, token, timeout)
+    if report.failures:
+        print(f"{report.failures} problem(s) found.", file=out)
+        return 1
+    print("Everything works." if account else
+          "No problem found (give an account, `proxy check USER`, to test its token and logins too).", file=out)
+    return 0
+
+
+def _account(config: Config, user: str) -> AccountConfig | None:
+    return config.account(user) or config.owner_account(user)
+
+
+def _read_password(account: AccountConfig, from_stdin: bool) -> str | None:
+    if from_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    if not sys.stdin.isatty():
+        return None
+    return getpass.getpass(f"Local password of {account.owner} (unlocks its tokens): ")
+
+
+# ------------------------------------------------------------------------------ identity provider
+async def _check_identity(config: Config, report: Report, account: AccountConfig | None) -> bool:
+    identity = config.identity
+    authorities = [("identity provider", identity.authority)]
+    app_only = identity.app_only
+    if app_only and app_only.authority != identity.authority and (
+            account is None or account.flow == FLOW_CLIENT_CREDENTIALS):
+        authorities.append(("identity provider (app-only)", app_only.authority))
+    ok = True
+    for label, authority in authorities:
+        url = f"{authority}/v2.0/.well-known/openid-configuration"
+        problem, todo = await asyncio.get_running_loop().run_in_executor(None, _discover, config, url)
+        if problem:
+            report.fail(f"{label} {authority}", problem, todo)
+            ok = False
+        else:
+            report.ok(f"{label} {authority}", "answers (OpenID configuration)")
+    return ok
+
+
+def _discover(config: Config, url: str) -> tuple[str | None, str | None]:
+    identity = config.identity
+    session = _TimeoutSession(identity.timeout, str(identity.ca_file) if identity.ca_file else True)
+    try:
+        response = session.get(url)
+    except requests.exceptions.SSLError:
+        return ("its TLS certificate is not trusted", "if a company proxy inspects TLS, put its CA into "
+                "identity.ca_file; otherwise check the computer's clock and identity.authority")
+    except requests.exceptions.Timeout:
+        return (f"no answer within {identity.timeout:.0f} s", "check the network, firewall and proxy settings; "
+                "identity.timeout allows more time")
+    except requests.RequestException as exc:
+        return (f"cannot connect ({exc.__class__.__name__})", "check identity.authority, DNS, the firewall "
+                "(HTTPS to login.microsoftonline.com must be allowed) and the network")
+    finally:
+        session.close()
+    try:
+        body = response.json()
+    except ValueError:
+        body = {}
+    if response.status_code != 200 or "token_endpoint" not in body:
+        text = describe_msal_error(body) if body.get("error") else f"HTTP {response.status_code}"
+        return (f"no OpenID configuration ({text})", hint_for(text) or
+                "check identity.authority: https://login.microsoftonline.com/<tenant-id or organizations>")
+    return None, None
+
+
+# ------------------------------------------------------------------------------ token
+async def _check_token(config: Config, report: Report, account: AccountConfig, password: str | None) -> str | None:
+    what = f"token for {account.username}" + (f" (tokens of {account.owner})" if account.owner_key != account.key
+                                              else "")
+    if account.flow == FLOW_CLIENT_CREDENTIALS:
+        return await _check_app_only_token(config, report, account, what)
+    if password is None:
+        report.skip(what, "needs the local password of the token owner (type it, or use --password-stdin)")
+        return None
+    broker = TokenBroker(config, TokenStore(config.token_path))
+    try:
+        try:
+            grant = await broker.authenticate(account.username, password)
+        except LoginRefused:
+            report.fail(what, f"wrong local password for {account.owner}",
+                        f"use the password chosen at `proxy authorize {account.owner}`, or run that again to set "
+                        "a new one")
+            return None
+        except TokenError as exc:
+            report.fail(what, str(exc), hint_for(str(exc)) or f"run `proxy authorize {account.owner}`")
+            return None
+        try:
+            token = await broker.force_refresh(grant, config.limits.login_timeout)
+        except TokenError as exc:
+            report.fail(what, f"the identity provider issued no token: {exc}",
+                        hint_for(str(exc)) or f"run `proxy authorize {account.owner}` again")
+            return None
+        register_secret(token)
+        _token_ok(report, what, token, grant.state.granted_scope, grant.state.expires_at)
+        return token
+    finally:
+        await broker.close()
+
+
+async def _check_app_only_token(config: Config, report: Report, account: AccountConfig, what: str) -> str | None:
+    def fetch() -> dict[str, Any]:
+        app = make_app_only_msal_app(config.identity)
+        return app.acquire_token_for_client([config.identity.app_only.scope])
+
+    started = time.time()
+    try:
+        result = await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, fetch),
+                                        config.limits.login_timeout)
+    except asyncio.TimeoutError:
+        report.fail(what, "the identity provider did not answer in time", "check the network; try again later")
+        return None
+    except Exception as exc:
+        report.fail(what, f"cannot get an app-only token ({exc.__class__.__name__}: {str(exc)[:200]})",
+                    "check identity.app_only (client_id, authority with your tenant id, secret or certificate)")
+        return None
+    if "access_token" not in result:
+        text = describe_msal_error(result)
+        report.fail(what, f"the app's credentials were refused: {text}",
+                    hint_for(text) or "check identity.app_only")
+        return None
+    token = result["access_token"]
+    register_secret(token)
+    _token_ok(report, what, token, result.get("scope"), started + float(result.get("expires_in") or 0))
+    try:
+        TokenStore(config.token_path).read(account.owner)
+    except NoTokens:
+        report.fail(f"local password of {account.owner}", "not set yet",
+                    f"run `proxy authorize {account.owner}` (no sign-in: it only sets the mail client's password)")
+    except StoreError as exc:
+        report.fail(f"local password of {account.owner}", str(exc), f"run `proxy authorize {account.owner}` again")
+    return token
+
+
+def _token_ok(report: Report, what: str, token: str, scope: str | None, expires_at: float) -> None:
+    granted = granted_permissions(token, scope)
+    minutes = max(0.0, (expires_at - time.time()) / 60)
+    detail = f"obtained from the identity provider, valid {minutes:.0f} min"
+    if granted is not None:
+        detail += f"; permissions: {' '.join(sorted(granted)) or 'none'}"
+    report.ok(what, detail)
+    if granted is None:
+        return
+    names = {g.rsplit("/", 1)[-1].casefold() for g in granted}
+    for protocol, needed in (("IMAP", IMAP_PERMISSIONS), ("SMTP", SMTP_PERMISSIONS)):
+        if not any(n.casefold() in names for n in needed):
+            report.fail(f"{what}: {protocol} permission", f"the token carries none of {', '.join(needed)}",
+                        f"add {needed[0]} (delegated) or {needed[1]} (app-only) to the app's API permissions "
+                        "with admin consent, list it in identity.scopes, then run `proxy authorize` again "
+                        "(docs/azure-setup.md)")
+
+
+def granted_permissions(token: str, scope: str | None) -> set[str] | None:
+    """The permissions a token carries: the ``scp``/``roles`` claims of a JWT access token (read,
+    not verified: for diagnosis only), else the token response's ``scope``; None if unknown or
+    only ``/.default`` (which names no permission)."""
+    parts = token.split(".")
+    if len(parts) == 3:
+        try:
+            claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+            found = set(str(claims.get("scp") or "").split()) | set(claims.get("roles") or [])
+            if found:
+                return found
+        except (ValueError, TypeError, AttributeError):
+            pass
+    names = set((scope or "").split()) - {"openid", "profile", "offline_access", "email"}
+    if not names or all(n.endswith("/.default") for n in names):
+        return None
+    return names
+
+
+def _check_authorizations(config: Config, report: Report) -> None:
+    from .admin import status_rows
+    seen = set()
+    for row in status_rows(config):
+        if row["owner"].casefold() in seen:
+            continue
+        seen.add(row["owner"].casefold())
+        what = f"tokens of {row['owner']}"
+        if row["state"] == "not_authorized":
+            report.fail(what, "not authorized yet", f"run `proxy authorize {row['owner']}`")
+        elif row["state"] == "needs_authorization":
+            report.fail(what, f"the stored authorization no longer works ({row['last_error']})",
+                        hint_for(str(row["last_error"])) or f"run `proxy authorize {row['owner']}` again")
+        elif row["state"] == "unreadable":
+            report.fail(what, str(row["last_error"]), f"run `proxy authorize {row['owner']}` again")
+        else:
+            report.ok(what, "stored" + (f" (last error: {row['last_error']})" if row["last_error"] else ""))
+
+
+# ------------------------------------------------------------------------------ mail servers
+async def _check_imap(config: Config, report: Report, account: AccountConfig | None, token: str | None,
+                      timeout: float) -> None:
+    address = config.imap.upstream
+    what = f"IMAP {address}"
+    try:
+        conn = await asyncio.wait_for(imap_upstream.connect(address, client_context(config.imap.ca_file)), timeout)
+    except (UpstreamError, asyncio.TimeoutError) as exc:
+        report.fail(what, str(exc) or "no greeting in time", _reach_hint(address, "imap"))
+        return
+    try:
+        if "AUTH=XOAUTH2" not in {c.upper() for c in conn.capabilities}:
+            report.fail(what, "does not offer AUTH=XOAUTH2", "check imap.upstream (outlook.office365.com:993)")
+            return
+        report.ok(what, "TLS certificate verified; offers AUTH=XOAUTH2")
+        if account is None:
+            return
+        login = f"IMAP login to {account.mailbox}" + (f" with the token of {account.owner}" if account.shared else "")
+        if token is None:
+            report.skip(login, "no token")
+            return
+        try:
+            await asyncio.wait_for(imap_upstream.authenticate(conn, account.mailbox, token), timeout)
+        except TokenRejected as exc:
+            report.fail(login, f"refused: {exc}", imap_refused_hint(account.mailbox, account.owner,
+                                                                   account.flow == FLOW_CLIENT_CREDENTIALS))
+            return
+        except (UpstreamError, asyncio.TimeoutError) as exc:
+            report.fail(login, str(exc) or "no answer in time", "try again; if it persists, check the server status")
+            return
+        report.ok(login, "accepted")
+        conn.endpoint.write(b"Z LOGOUT\r\n")
+    finally:
+        conn.close()
+
+
+async def _check_smtp(config: Config, report: Report, account: AccountConfig | None, token: str | None,
+                      timeout: float) -> None:
+    address = config.smtp.upstream
+    what = f"SMTP {address}"
+    try:
+        conn = await asyncio.wait_for(smtp_upstream.connect(address, config.smtp.upstream_tls,
+                                                            client_context(config.smtp.ca_file), local_hostname()),
+                                      timeout)
+    except (UpstreamError, asyncio.TimeoutError) as exc:
+        report.fail(what, str(exc) or "no greeting in time", _reach_hint(address, "smtp"))
+        return
+    try:
+        if "XOAUTH2" not in conn.extensions.get("AUTH", "").upper().split():
+            report.fail(what, "does not offer AUTH XOAUTH2 after TLS",
+                        "check smtp.upstream (smtp.office365.com:587) and smtp.upstream_tls")
+            return
+        mode = "STARTTLS" if config.smtp.upstream_tls == "starttls" else "TLS"
+        report.ok(what, f"{mode} certificate verified; offers AUTH XOAUTH2")
+        if account is None:
+            return
+        login = f"SMTP login to {account.mailbox}" + (f" with the token of {account.owner}" if account.shared else "")
+        if token is None:
+            report.skip(login, "no token")
+            return
+        try:
+            await asyncio.wait_for(smtp_upstream.authenticate(conn, account.mailbox, token), timeout)
+        except TokenRejected as exc:
+            report.fail(login, f"refused: {exc}", smtp_refused_hint(str(exc), account.mailbox, account.owner,
+                                                                   account.flow == FLOW_CLIENT_CREDENTIALS))
+            return
+        except (UpstreamError, asyncio.TimeoutError) as exc:
+            report.fail(login, str(exc) or "no answer in time", hint_for(str(exc)) or
+                        "try again; if it persists, check the server status")
+            return
+        report.ok(login, "accepted")
+    finally:
+        conn.quit(grace=1.0)
+        try:
+            await asyncio.wait_for(asyncio.shield(conn.endpoint.closed), 1.5)
+        except asyncio.TimeoutError:
+            conn.abort()
+
+
+def _reach_hint(address, protocol: str) -> str:
+    default = "outlook.office365.com:993" if protocol == "imap" else "smtp.office365.com:587"
+    return (f"check {protocol}.upstream ({default} for Microsoft 365), DNS and the firewall (outgoing port "
+            f"{address.port} must be open); with a TLS-inspecting proxy set {protocol}.ca_file")

@@ -1,0 +1,249 @@
+"""Running `proxy serve` as a service: config reload, health and readiness, graceful shutdown.
+
+:class:`Runtime` sits beside the listeners that :func:`proxy.serve.serve` starts:
+
+- **Reload** (SIGHUP, or the config file changing on disk; checked every few seconds, which
+  also covers Windows, which has no SIGHUP): the file is read and validated again, with the
+  same environment overrides. A valid new config is handed to the listeners and the token
+  broker, which use it for new connections and logins; open sessions keep going on what they
+  have. An invalid one is refused with the error in the log, and the running config stays.
+  Listener addresses, the admin address and ``tokens.path`` are bound at start: a change to
+  them is logged as needing a restart. Renewed TLS certificate files are picked up.
+- **Health** (``/healthz``): every listener bound and accepting. **Readiness** (``/readyz``):
+  every account has a usable token: held in memory after a login, else judged from the token
+  file's clear status (authorized, not marked for re-authorization, a refresh token stored).
+- **Shutdown** (SIGTERM, SIGINT): listeners close at once; sessions get
+  ``limits.shutdown_grace`` seconds to finish (SMTP sessions are closed as soon as no
+  command or mail transaction is in progress), then the rest are cut. A second signal cuts
+  them at once. ``proxy serve`` then exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import ssl
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .adminhttp import AdminServer
+from .config import Config, ConfigError, load_config
+from .imap.server import ImapProxy
+from .metrics import METRICS
+from .smtp.server import SmtpProxy
+from .store import StoreError, TokenStore
+from .tls import client_context, reload_server_context, server_context
+from .tokens import TokenBroker
+
+log = logging.getLogger("proxy")
+WATCH_INTERVAL = 2.0  # seconds between checks of the config file for changes
+# Settings bound when `proxy serve` starts; a reload only warns about changes to them.
+_RESTART_KEYS = (("imap.listen", lambda c: c.imap.listen), ("imap.tls_listen", lambda c: c.imap.tls_listen),
+                 ("smtp.listen", lambda c: c.smtp.listen), ("smtp.tls_listen", lambda c: c.smtp.tls_listen),
+                 ("admin.listen", lambda c: c.admin.listen if c.admin else None),
+                 ("tokens.path", lambda c: c.token_path))
+
+
+def make_server_tls(config: Config) -> ssl.SSLContext | None:
+    """The context of the proxy's own TLS listeners, or None if the config has no ``tls``."""
+    if config.tls is None:
+        return None
+    return server_context(config.tls.cert_file, config.tls.key_file)
+
+
+@dataclass
+class AccountHealth:
+    account: str
+    ready: bool
+    reason: str
+    expires: float | None  # access token expiry (Unix time), if known
+
+
+class Runtime:
+    """Reload, health, readiness and shutdown for one running proxy."""
+
+    def __init__(self, config: Config, *, store: TokenStore, broker: TokenBroker, imap: ImapProxy,
+                 smtp: SmtpProxy, server_tls: ssl.SSLContext | None):
+        self.config, self.store, self.broker = config, store, broker
+        self.imap, self.smtp, self.server_tls = imap, smtp, server_tls
+        self.admin: AdminServer | None = None
+        self.stopping = False
+        self._file_stamp = _stamp(config.source)
+        self._reloading: asyncio.Task | None = None
+        self._watcher: asyncio.Task | None = None
+        METRICS.token_expiry = self.token_expiries
+        METRICS.config_loaded.set(time.time())
+
+    # -- start --------------------------------------------------------------------------
+    async def start(self, *, watch_interval: float = WATCH_INTERVAL) -> None:
+        """After the listeners started: the admin listener, warnings, the config file watcher."""
+        for name, listener in (("imap", self.config.imap), ("smtp", self.config.smtp)):
+            if listener.plaintext_exposed:
+                log.warning("%s.listen is %s without TLS required (allow_plaintext: true): passwords from other "
+                            "computers cross the network in clear. Prefer %s.starttls: required or %s.tls_listen",
+                            name, listener.listen, name, name)
+        if self.config.admin is not None:
+            self.admin = AdminServer(self.config.admin.listen, health=self.health, ready=self.readiness,
+                                     metrics=METRICS)
+            await self.admin.start()
+        if self.config.source is not None and watch_interval > 0:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch(watch_interval))
+
+    # -- health -------------------------------------------------------------------------
+    def health(self) -> tuple[bool, dict]:
+        listeners = {"imap": self.imap.listening, "smtp": self.smtp.listening}
+        ok = all(listeners.values()) and not self.stopping
+        return ok, {"listeners": listeners, "stopping": self.stopping}
+
+    def readiness(self) -> tuple[bool, dict]:
+        accounts = self.account_health()
+        ok = all(a.ready for a in accounts) and not self.stopping
+        return ok, {"accounts": {a.account: {"ready": a.ready, "reason": a.reason} for a in accounts}}
+
+    def token_expiries(self) -> list[tuple[str, float | None]]:
+        return [(a.account, a.expires) for a in self.account_health()]
+
+    def account_health(self) -> list[AccountHealth]:
+        now = time.time()
+        result = []
+        for account in self.config.accounts:
+            owner = getattr(account, "owner", account.username)
+            state = self.broker.held_state(owner)
+            if state is not None:
+                if state.dead:
+                    entry = (False, f"needs `proxy authorize {owner}`", state.expires_at)
+                elif state.usable_token(now):
+                    entry = (True, "token valid", state.expires_at)
+                elif state.failed_at:
+                    entry = (False, f"token refresh failing: {state.last_error}", state.expires_at)
+                else:
+                    entry = (True, "token refreshed at the next login", state.expires_at)
+            else:
+                entry = self._file_health(owner, now)
+            result.append(AccountHealth(account.username, *entry))
+        return result
+
+    def _file_health(self, owner: str, now: float) -> tuple[bool, str, float | None]:
+        try:
+            meta = self.store.read(owner).meta
+        except StoreError as exc:
+            return False, f"not authorized: {str(exc)[:200]} (run `proxy authorize {owner}`)", None
+        except OSError as exc:
+            return False, f"token file unreadable ({exc.__class__.__name__})", None
+        expires = meta.get("access_token_expires")
+        expires = float(expires) if isinstance(expires, (int, float)) else None
+        if meta.get("state") == "needs_authorization":
+            return False, f"needs `proxy authorize {owner}`", expires
+        if meta.get("has_refresh_token") or meta.get("flow") == "client_credentials" or (expires or 0) > now + 60:
+            return True, "authorized (unlocked at the first login)", expires
+        return False, f"no refresh token stored (run `proxy authorize {owner}`)", expires
+
+    # -- reload -------------------------------------------------------------------------
+    def request_reload(self, reason: str = "SIGHUP") -> None:
+        """Schedule a reload (safe to call from a signal handler on the loop)."""
+        if self.stopping or self.config.source is None:
+            return
+        if self._reloading is None or self._reloading.done():
+            self._reloading = asyncio.get_running_loop().create_task(self._reload_task(reason))
+
+    async def _reload_task(self, reason: str) -> None:
+        try:
+            self.reload(reason)
+        except Exception:  # a reload must never take the proxy down
+            log.exception("config reload failed unexpectedly; the running config stays")
+
+    def reload(self, reason: str = "request") -> bool:
+        """Load the config file again and apply it to new sessions; False if it was refused."""
+        source = self.config.source
+        assert source is not None
+        self._file_stamp = _stamp(source)
+        try:
+            new = load_config(source)
+            imap_tls, smtp_tls = client_context(new.imap.ca_file), client_context(new.smtp.ca_file)
+            server_tls = make_server_tls(new)  # checks the certificate and key before anything changes
+        except (ConfigError, OSError, ssl.SSLError, ValueError) as exc:
+            METRICS.config_reloads.labels("refused").inc()
+            log.error("config reload (%s) refused, the running config stays: %s", reason, exc)
+            return False
+        old = self.config
+        if new.tls is not None:
+            if self.server_tls is None:
+                self.server_tls = server_tls  # STARTTLS can start now; new TLS listeners need a restart
+            else:
+                reload_server_context(self.server_tls, new.tls.cert_file, new.tls.key_file)
+        self.imap.server_tls = self.smtp.server_tls = self.server_tls
+        self.imap.reconfigure(new, imap_tls)
+        self.smtp.reconfigure(new, smtp_tls)
+        self.broker.reconfigure(new)
+        self.config = new
+        METRICS.config_reloads.labels("ok").inc()
+        METRICS.config_loaded.set(time.time())
+        before = {a.key: a for a in old.accounts}
+        after = {a.key: a for a in new.accounts}
+        added = [a.username for k, a in after.items() if k not in before]
+        removed = [a.username for k, a in before.items() if k not in after]
+        changed = [a.username for k, a in after.items() if k in before and before[k] != a]
+        log.info("config reloaded (%s): %d account(s)%s%s%s; new logins use it, open sessions go on", reason,
+                 len(new.accounts), f", added {', '.join(added)}" if added else "",
+                 f", removed {', '.join(removed)}" if removed else "",
+                 f", changed {', '.join(changed)}" if changed else "")
+        for key, get in _RESTART_KEYS:
+            if get(old) != get(new):
+                log.warning("config reload: %s changed (%s -> %s); restart `proxy serve` to apply it",
+                            key, get(old), get(new))
+        return True
+
+    async def _watch(self, interval: float) -> None:
+        """Reload when the config file changes (mtime, size or inode)."""
+        source = self.config.source
+        while not self.stopping:
+            await asyncio.sleep(interval)
+            stamp = _stamp(source)
+            if stamp is not None and stamp != self._file_stamp:
+                self.request_reload("config file changed")
+
+    # -- shutdown -----------------------------------------------------------------------
+    async def shutdown(self, grace: float, force: asyncio.Event | None = None) -> None:
+        """Close the listeners, let sessions finish for up to ``grace`` seconds, end the rest."""
+        self.stopping = True
+        if self._watcher is not None:
+            self._watcher.cancel()
+        open_imap, open_smtp = len(self.imap.sessions), len(self.smtp.sessions)
+        if grace > 0 and open_imap + open_smtp:
+            log.info("shutting down: listeners closed; waiting up to %.0f s for %d IMAP and %d SMTP session(s)",
+                     grace, open_imap, open_smtp)
+        else:
+            log.info("shutting down")
+        drain = asyncio.ensure_future(asyncio.gather(self.imap.drain(grace), self.smtp.drain(grace)))
+        waits: set[asyncio.Future] = {drain}
+        if force is not None:
+            waits.add(asyncio.ensure_future(force.wait()))
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            if not drain.done():
+                log.warning("second signal: ending the open sessions now")
+                await asyncio.gather(self.imap.close(), self.smtp.close())
+            cut_imap, cut_smtp = await drain
+        finally:
+            for waiter in waits:
+                waiter.cancel()
+            if self.admin is not None:
+                await self.admin.close()
+            await self.broker.close()
+        if cut_imap + cut_smtp:
+            log.info("stopped; %d IMAP and %d SMTP session(s) were still open after the grace period and were "
+                     "closed", cut_imap, cut_smtp)
+        else:
+            log.info("stopped")
+
+
+def _stamp(path: Path | None) -> tuple[int, int, int] | None:
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size, st.st_ino
