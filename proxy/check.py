@@ -24,7 +24,7 @@ import getpass
 import json
 import sys
 import time
-from typing import Any, TextIO
+from typing import Any, Awaitable, Callable, TextIO
 
 import requests
 
@@ -298,21 +298,10 @@ async def _check_imap(config: Config, report: Report, account: AccountConfig | N
         report.ok(what, "TLS certificate verified; offers AUTH=XOAUTH2")
         if account is None:
             return
-        login = f"IMAP login to {account.mailbox}" + (f" with the token of {account.owner}" if account.shared else "")
-        if token is None:
-            report.skip(login, "no token")
-            return
-        try:
-            await asyncio.wait_for(imap_upstream.authenticate(conn, account.mailbox, token), timeout)
-        except TokenRejected as exc:
-            report.fail(login, f"refused: {exc}", imap_refused_hint(account.mailbox, account.owner,
-                                                                   account.flow == FLOW_CLIENT_CREDENTIALS))
-            return
-        except (UpstreamError, asyncio.TimeoutError) as exc:
-            report.fail(login, str(exc) or "no answer in time", "try again; if it persists, check the server status")
-            return
-        report.ok(login, "accepted")
-        conn.endpoint.write(b"Z LOGOUT\r\n")
+        if await _probe_login(report, "IMAP", account, token, timeout,
+                              lambda: imap_upstream.authenticate(conn, account.mailbox, token),
+                              lambda exc, app_only: imap_refused_hint(account.mailbox, account.owner, app_only)):
+            conn.endpoint.write(b"Z LOGOUT\r\n")
     finally:
         conn.close()
 
@@ -337,27 +326,36 @@ async def _check_smtp(config: Config, report: Report, account: AccountConfig | N
         report.ok(what, f"{mode} certificate verified; offers AUTH XOAUTH2")
         if account is None:
             return
-        login = f"SMTP login to {account.mailbox}" + (f" with the token of {account.owner}" if account.shared else "")
-        if token is None:
-            report.skip(login, "no token")
-            return
-        try:
-            await asyncio.wait_for(smtp_upstream.authenticate(conn, account.mailbox, token), timeout)
-        except TokenRejected as exc:
-            report.fail(login, f"refused: {exc}", smtp_refused_hint(str(exc), account.mailbox, account.owner,
-                                                                   account.flow == FLOW_CLIENT_CREDENTIALS))
-            return
-        except (UpstreamError, asyncio.TimeoutError) as exc:
-            report.fail(login, str(exc) or "no answer in time", hint_for(str(exc)) or
-                        "try again; if it persists, check the server status")
-            return
-        report.ok(login, "accepted")
+        await _probe_login(report, "SMTP", account, token, timeout,
+                           lambda: smtp_upstream.authenticate(conn, account.mailbox, token),
+                           lambda exc, app_only: smtp_refused_hint(str(exc), account.mailbox, account.owner, app_only))
     finally:
         conn.quit(grace=1.0)
         try:
             await asyncio.wait_for(asyncio.shield(conn.endpoint.closed), 1.5)
         except asyncio.TimeoutError:
             conn.abort()
+
+
+async def _probe_login(report: Report, protocol: str, account: AccountConfig, token: str | None, timeout: float,
+                       authenticate: Callable[[], Awaitable[object]],
+                       refused_hint: Callable[[Exception, bool], str]) -> bool:
+    """Log in upstream with ``token`` for ``account``'s mailbox and report how it went."""
+    login = f"{protocol} login to {account.mailbox}" + (f" with the token of {account.owner}" if account.shared else "")
+    if token is None:
+        report.skip(login, "no token")
+        return False
+    try:
+        await asyncio.wait_for(authenticate(), timeout)
+    except TokenRejected as exc:
+        report.fail(login, f"refused: {exc}", refused_hint(exc, account.flow == FLOW_CLIENT_CREDENTIALS))
+        return False
+    except (UpstreamError, asyncio.TimeoutError) as exc:
+        report.fail(login, str(exc) or "no answer in time", hint_for(str(exc)) or
+                    "try again; if it persists, check the server status")
+        return False
+    report.ok(login, "accepted")
+    return True
 
 
 def _reach_hint(address, protocol: str) -> str:
