@@ -154,10 +154,10 @@ def authorize_browser(config: Config, account: AccountConfig, password: str, *, 
     return save_tokens(config, account, password, cache, result)
 
 
-def _refused(result: dict) -> str:
+def _refused(result: dict, what: str = "issue tokens") -> str:
     text = describe_msal_error(result)
     hint = hint_for(text)
-    return f"the identity provider refused to issue tokens: {text}" + (f"\n  What to do: {hint}" if hint else "")
+    return f"the identity provider refused to {what}: {text}" + (f"\n  What to do: {hint}" if hint else "")
 
 
 def _note_signed_in(config: Config, account: AccountConfig, result: dict, out: TextIO) -> None:
@@ -208,10 +208,7 @@ def authorize_device(config: Config, account: AccountConfig, password: str, *, t
         raise AuthorizeError(f"cannot start the device sign-in at {config.identity.authority} "
                              f"({exc.__class__.__name__}); check the network and identity.authority") from None
     if "user_code" not in flow:
-        text = describe_msal_error(flow)
-        hint = hint_for(text)
-        raise AuthorizeError(f"the identity provider refused to start a device sign-in: {text}"
-                             + (f"\n  What to do: {hint}" if hint else ""))
+        raise AuthorizeError(_refused(flow, "start a device sign-in"))
     expires_at = float(flow.get("expires_at") or time.time() + float(flow.get("expires_in") or 900))
     deadline = min(expires_at, time.time() + timeout) if timeout else expires_at
     print(f"Sign in as {account.username} to authorize the proxy, on any device with a browser:", file=out)

@@ -160,6 +160,11 @@ class AccountConfig:
         return self.owner.casefold()
 
     @property
+    def token_owner(self) -> AccountConfig:
+        """The token owner as an account of its own (username = owner, with the owner's flow)."""
+        return AccountConfig(self.owner, flow=self.flow)
+
+    @property
     def shared(self) -> bool:
         """True if this login opens a mailbox with someone else's tokens."""
         return self.mailbox.casefold() != self.owner_key
@@ -200,7 +205,7 @@ class Config:
         """The token owner called ``name`` (an account's username or a ``token:`` value), as an
         account of its own (username = owner, with the owner's flow); None if nobody uses it."""
         users = self.sharing(name)
-        return AccountConfig(users[0].owner, flow=users[0].flow) if users else None
+        return users[0].token_owner if users else None
 
 
 def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:

@@ -109,7 +109,7 @@ class Runtime:
         now = time.time()
         result = []
         for account in self.config.accounts:
-            owner = getattr(account, "owner", account.username)
+            owner = account.owner
             state = self.broker.held_state(owner)
             if state is not None:
                 if state.dead:

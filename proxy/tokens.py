@@ -201,7 +201,7 @@ class TokenBroker:
         login_account = self.config.account(username)
         if login_account is None:
             raise LoginRefused("unknown user or wrong password")
-        account = AccountConfig(login_account.owner, flow=login_account.flow)  # the token owner
+        account = login_account.token_owner
         state = self._states.get(account.key)
         if state is None or state.account != account:
             state = self._states[account.key] = AccountState(account)
@@ -281,7 +281,7 @@ class TokenBroker:
             self._http_cache.clear()
             for state in self._states.values():
                 state.app = None
-        owners = {getattr(a, "owner", a.username).casefold() for a in config.accounts}
+        owners = {a.owner_key for a in config.accounts}
         for key in [k for k in self._states if k not in owners]:
             state = self._states.pop(key)
             if state.refresher is not None:

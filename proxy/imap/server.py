@@ -20,6 +20,7 @@ import ssl
 import time
 
 from ..config import STARTTLS_OFF, STARTTLS_REQUIRED, Config
+from ..listeners import HANDSHAKE_TIMEOUT, Listeners
 from ..logs import log_event
 from ..metrics import METRICS
 from ..relay import WRITE_HIGH_WATER, Endpoint, pipe
@@ -31,13 +32,12 @@ from . import upstream
 from .core import Close, ImapFront, Login, Send, StartTLS
 
 log = logging.getLogger("proxy.imap")
-_HANDSHAKE_TIMEOUT = 30.0  # seconds for a client's TLS handshake
 _BYE_SHUTDOWN = b"* BYE The proxy is shutting down; please reconnect later\r\n"
 _NO_CODES = {LoginFailed.CREDENTIALS: "AUTHENTICATIONFAILED", LoginFailed.REAUTHORIZE: "AUTHENTICATIONFAILED",
              LoginFailed.REJECTED: "AUTHENTICATIONFAILED", LoginFailed.UNAVAILABLE: "UNAVAILABLE"}
 
 
-class ImapProxy:
+class ImapProxy(Listeners):
     def __init__(self, config: Config, broker: TokenBroker, *, upstream_tls: ssl.SSLContext,
                  throttle: FailureThrottle | None = None, server_tls: ssl.SSLContext | None = None):
         self.config = config
@@ -45,8 +45,6 @@ class ImapProxy:
         self.upstream_tls = upstream_tls
         self.server_tls = server_tls  # for imap.tls_listen and STARTTLS
         self.throttle = throttle or FailureThrottle()
-        self.server: asyncio.AbstractServer | None = None
-        self.tls_server: asyncio.AbstractServer | None = None
         self.sessions: set[asyncio.Task] = set()
         self.draining = False
         self._reading: set[Endpoint] = set()  # sessions waiting for a command before login
@@ -57,26 +55,9 @@ class ImapProxy:
             close=lambda conn: conn.close())
 
     async def start(self) -> asyncio.AbstractServer:
-        settings = self.config.imap
-        loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(lambda: Endpoint(on_connect=self._accept),
-                                               settings.listen.host, settings.listen.port, backlog=1024)
-        starttls = {STARTTLS_OFF: "", STARTTLS_REQUIRED: " (STARTTLS required)"}.get(settings.starttls,
-                                                                                    " (STARTTLS offered)")
-        log.info("IMAP listening on %s%s, upstream %s", ", ".join(_sockname(s) for s in self.server.sockets),
-                 starttls, settings.upstream)
-        if settings.tls_listen is not None:
-            tls = settings.tls_listen
-            self.tls_server = await loop.create_server(
-                lambda: Endpoint(on_connect=lambda ep: self._accept(ep, tls=True)), tls.host, tls.port,
-                backlog=1024, ssl=self.server_tls, ssl_handshake_timeout=_HANDSHAKE_TIMEOUT)
-            log.info("IMAPS (implicit TLS) listening on %s", ", ".join(_sockname(s) for s in self.tls_server.sockets))
-        return self.server
-
-    @property
-    def listening(self) -> bool:
-        """All configured listeners are bound and accepting."""
-        return self.server is not None and all(s.is_serving() for s in (self.server, self.tls_server) if s)
+        return await self._listen(log, "IMAP", self.config.imap, lambda: Endpoint(on_connect=self._accept),
+                                  lambda: Endpoint(on_connect=lambda ep: self._accept(ep, tls=True)),
+                                  self.server_tls)
 
     def reconfigure(self, config: Config, upstream_tls: ssl.SSLContext) -> None:
         """Use ``config`` for new connections and logins; open sessions keep going."""
@@ -156,7 +137,7 @@ class ImapProxy:
         """The TLS handshake after STARTTLS; False if it failed (the connection is then closed)."""
         client.take_buffer()  # plaintext sent after STARTTLS could be injected: never parse it
         loop = asyncio.get_running_loop()
-        timeout = max(1.0, min(_HANDSHAKE_TIMEOUT, deadline - time.monotonic()))
+        timeout = max(1.0, min(HANDSHAKE_TIMEOUT, deadline - time.monotonic()))
         try:
             transport = await loop.start_tls(client.transport, client, self.server_tls, server_side=True,
                                              ssl_handshake_timeout=timeout)
@@ -221,11 +202,6 @@ class ImapProxy:
             task.cancel()
         await asyncio.gather(*self.sessions, return_exceptions=True)
 
-    def stop_listening(self) -> None:
-        for server in (self.server, self.tls_server):
-            if server is not None:
-                server.close()
-
     async def drain(self, grace: float) -> int:
         """Stop listening, end the sessions that have not logged in (nothing is in progress
         there), give the others ``grace`` seconds to end, then end the rest.
@@ -248,7 +224,3 @@ def _peername(ep: Endpoint) -> str:
     name = ep.transport.get_extra_info("peername") if ep.transport else None
     return f"{name[0]}:{name[1]}" if name else "?"
 
-
-def _sockname(sock) -> str:
-    name = sock.getsockname()
-    return f"{name[0]}:{name[1]}"

@@ -18,7 +18,8 @@ import socket
 import ssl
 from dataclasses import dataclass
 
-from ..config import STARTTLS_OFF, STARTTLS_REQUIRED, Config
+from ..config import Config
+from ..listeners import Listeners
 from ..login import Upstream
 from ..throttle import FailureThrottle
 from ..tokens import TokenBroker
@@ -49,7 +50,7 @@ class Timeouts:
         return max(self.idle, login_timeout + 2 * self.reply + 10)
 
 
-class SmtpProxy:
+class SmtpProxy(Listeners):
     """``start()`` listens on ``config.smtp.listen``; ``close()`` ends every session."""
 
     def __init__(self, config: Config, broker: TokenBroker, *, upstream_tls: ssl.SSLContext,
@@ -62,8 +63,6 @@ class SmtpProxy:
         self.hostname = local_hostname()
         self.upstream_tls = upstream_tls
         self.server_tls = server_tls  # for smtp.tls_listen and STARTTLS
-        self.server: asyncio.AbstractServer | None = None
-        self.tls_server: asyncio.AbstractServer | None = None
         self.sessions: set[ProxySMTP] = set()
         # Made by the listener but not connected yet: asyncio accepts a burst of connections and
         # makes all their protocols before any is connected, so these count towards the limit too.
@@ -88,27 +87,11 @@ class SmtpProxy:
         # deprecated Session.login_data at each AUTH: keep it to real errors.
         logging.getLogger("mail.log").setLevel(logging.ERROR)
         settings = self.config.smtp
-        loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(self._protocol, settings.listen.host, settings.listen.port,
-                                               backlog=1024)
+        server = await self._listen(log, "SMTP", settings, self._protocol, lambda: self._protocol(tls=True),
+                                    self.server_tls, " (STARTTLS)" if settings.upstream_tls == "starttls"
+                                    else " (implicit TLS)")
         self.extensions.refresh()
-        starttls = {STARTTLS_OFF: "", STARTTLS_REQUIRED: " (STARTTLS required)"}.get(settings.starttls,
-                                                                                    " (STARTTLS offered)")
-        log.info("SMTP listening on %s%s, upstream %s (%s)",
-                 ", ".join(_sockname(s) for s in self.server.sockets), starttls, settings.upstream,
-                 "STARTTLS" if settings.upstream_tls == "starttls" else "implicit TLS")
-        if settings.tls_listen is not None:
-            tls = settings.tls_listen
-            self.tls_server = await loop.create_server(lambda: self._protocol(tls=True), tls.host, tls.port,
-                                                       backlog=1024, ssl=self.server_tls,
-                                                       ssl_handshake_timeout=30.0)
-            log.info("SMTPS (implicit TLS) listening on %s", ", ".join(_sockname(s) for s in self.tls_server.sockets))
-        return self.server
-
-    @property
-    def listening(self) -> bool:
-        """All configured listeners are bound and accepting."""
-        return self.server is not None and all(s.is_serving() for s in (self.server, self.tls_server) if s)
+        return server
 
     def reconfigure(self, config: Config, upstream_tls: ssl.SSLContext) -> None:
         """Use ``config`` for new sessions and logins; open sessions keep going."""
@@ -119,7 +102,7 @@ class SmtpProxy:
     def _protocol(self, tls: bool = False) -> asyncio.Protocol:
         if len(self.sessions) + len(self._starting) >= self.config.limits.max_connections:
             return _Refuse()
-        session = ProxySMTP(self, implicit_tls=tls) if tls else ProxySMTP(self)
+        session = ProxySMTP(self, implicit_tls=tls)
         self._starting.add(session)  # until register(), or the TLS handshake's deadline has passed
         asyncio.get_running_loop().call_later(35.0, self._starting.discard, session)
         return session
@@ -130,11 +113,6 @@ class SmtpProxy:
         self._starting.discard(session)
         self.sessions.add(session)
         session.closed.add_done_callback(lambda _: self.sessions.discard(session))
-
-    def stop_listening(self) -> None:
-        for server in (self.server, self.tls_server):
-            if server is not None:
-                server.close()
 
     async def drain(self, grace: float) -> int:
         """Stop listening and close sessions as they become idle: a session in the middle of a
@@ -179,7 +157,3 @@ def local_hostname() -> str:
     name = socket.gethostname()
     return name if re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?", name or "") else "localhost"
 
-
-def _sockname(sock: socket.socket) -> str:
-    name = sock.getsockname()
-    return f"{name[0]}:{name[1]}"
