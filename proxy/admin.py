@@ -2,7 +2,7 @@
 
 (The admin *HTTP* listener is proxy/adminhttp.py; this module is the command-line side.)
 
-The status comes from the clear, non-secret ``meta`` of each token file (see proxy/store.py):
+The status comes from the clear, non-secret ``meta`` of each token file (see proxy/tokens/store.py):
 expiry of the access token, whether a refresh token is held, last refresh, last error, state.
 Nothing here decrypts a file, so nothing here can show a secret.
 
@@ -19,7 +19,7 @@ import time
 from typing import Any
 
 from .config import FLOW_CLIENT_CREDENTIALS, Config
-from .store import NoTokens, StoreError, TokenStore
+from .tokens.store import NoTokens, StoreError, TokenStore
 
 
 def status_rows(config: Config) -> list[dict[str, Any]]:

@@ -26,12 +26,14 @@ import urllib.parse
 import webbrowser
 from typing import TextIO
 
-import msal
-
 from .config import AccountConfig, Config
 from .hints import hint_for
-from .store import TokenStore, derive_key
-from .tokens import describe_msal_error, make_app_only_msal_app, make_msal_app, token_meta, token_payload
+from .tokens.errors import TokenError
+from .tokens.identity import (begin_browser_sign_in, begin_device_sign_in, cached_home_account_id,
+                              describe_msal_error, fetch_app_only_token, finish_browser_sign_in,
+                              finish_device_sign_in, make_msal_app, new_cache)
+from .tokens.state import token_meta, token_payload
+from .tokens.store import TokenStore, derive_key
 
 _PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>{title}</title></head>
 <body style="font-family:sans-serif;max-width:40em;margin:3em auto"><h1>{title}</h1><p>{text}</p></body></html>"""
@@ -110,7 +112,7 @@ def _reply(request: http.server.BaseHTTPRequestHandler, status: int, title: str,
 def authorize_browser(config: Config, account: AccountConfig, password: str, *, timeout: float = 30.0,
                       open_browser: bool = True, port: int = 0, out: TextIO = sys.stderr) -> dict:
     """Run the sign-in and store the tokens. Returns the token file's metadata."""
-    cache = msal.SerializableTokenCache()
+    cache = new_cache()
     app = _msal_app(config, cache)
     try:
         catcher = _Catcher(port)
@@ -119,9 +121,7 @@ def authorize_browser(config: Config, account: AccountConfig, password: str, *, 
                              f"({exc.strerror}); choose another with --port") from None
     try:
         redirect_uri = f"http://localhost:{catcher.port}"
-        flow = app.initiate_auth_code_flow(config.identity.msal_scopes, redirect_uri=redirect_uri,
-                                           login_hint=account.username, response_mode="form_post",
-                                           prompt="select_account")
+        flow = begin_browser_sign_in(app, config.identity, redirect_uri, account.username)
         catcher.state = flow["state"]
         print(f"Sign in as {account.username} in the browser to authorize the proxy.", file=out)
         if open_browser:
@@ -143,7 +143,7 @@ def authorize_browser(config: Config, account: AccountConfig, password: str, *, 
         raise AuthorizeError(f"the identity provider refused the sign-in: {response.get('error')}: "
                              f"{response.get('error_description', '')[:300]}")
     try:
-        result = app.acquire_token_by_auth_code_flow(flow, response)
+        result = finish_browser_sign_in(app, flow, response)
     except ValueError as exc:
         raise AuthorizeError(f"the sign-in response was not valid ({exc})") from None
     except Exception as exc:
@@ -197,16 +197,16 @@ def authorize_device(config: Config, account: AccountConfig, password: str, *, t
     seconds, whichever comes first. msal's polling is blocking; Ctrl+C interrupts it (the caller
     reports that nothing was stored).
     """
-    cache = msal.SerializableTokenCache()
+    cache = new_cache()
     app = _msal_app(config, cache)
-    if not hasattr(app, "initiate_device_flow"):
-        raise AuthorizeError("the device code flow needs a public client: identity.client_secret is set, so "
-                             "use the browser sign-in, or remove client_secret and allow public client flows")
     try:
-        flow = app.initiate_device_flow(scopes=config.identity.msal_scopes)
+        flow = begin_device_sign_in(app, config.identity)
     except Exception as exc:  # network errors from requests, ValueError from msal
         raise AuthorizeError(f"cannot start the device sign-in at {config.identity.authority} "
                              f"({exc.__class__.__name__}); check the network and identity.authority") from None
+    if flow is None:
+        raise AuthorizeError("the device code flow needs a public client: identity.client_secret is set, so "
+                             "use the browser sign-in, or remove client_secret and allow public client flows")
     if "user_code" not in flow:
         raise AuthorizeError(_refused(flow, "start a device sign-in"))
     expires_at = float(flow.get("expires_at") or time.time() + float(flow.get("expires_in") or 900))
@@ -216,7 +216,7 @@ def authorize_device(config: Config, account: AccountConfig, password: str, *, t
     print(f"  2. enter  {flow['user_code']}", file=out)
     print(f"The code is valid for {(expires_at - time.time()) / 60:.0f} min; Ctrl+C cancels.", file=out, flush=True)
     ticker = _Ticker(deadline, out)
-    result = app.acquire_token_by_device_flow(flow, exit_condition=ticker.expired)
+    result = finish_device_sign_in(app, flow, ticker.expired)
     ticker.finish()
     if "access_token" not in result:
         error = result.get("error")
@@ -240,18 +240,16 @@ def authorize_app_only(config: Config, account: AccountConfig, password: str, *,
     print(f"{account.username} uses app-only access (client credentials of app {app_only.client_id}): "
           "no sign-in needed.", file=out)
     try:
-        app = make_app_only_msal_app(config.identity)
-        result = app.acquire_token_for_client([app_only.scope])
-    except Exception as exc:
-        raise AuthorizeError(f"cannot get an app-only token from {app_only.authority} "
-                             f"({exc.__class__.__name__}: {str(exc)[:200]}); check identity.app_only, "
-                             "identity.ca_file and the network") from None
-    if "access_token" not in result:
-        raise AuthorizeError(_refused(result))
-    return save_tokens(config, account, password, msal.SerializableTokenCache(), result)
+        result = fetch_app_only_token(config.identity)
+    except TokenError as exc:
+        hint = hint_for(str(exc))
+        raise AuthorizeError(f"cannot get an app-only token from {app_only.authority}: {exc}; check "
+                             "identity.app_only, identity.ca_file and the network"
+                             + (f"\n  What to do: {hint}" if hint else "")) from None
+    return save_tokens(config, account, password, new_cache(), result)
 
 
-def _msal_app(config: Config, cache: msal.SerializableTokenCache) -> msal.ClientApplication:
+def _msal_app(config: Config, cache):
     try:
         return make_msal_app(config.identity, cache)
     except Exception as exc:  # msal raises ValueError and requests errors during discovery
@@ -285,16 +283,13 @@ class _Ticker:
             print(file=self.out)
 
 
-def save_tokens(config: Config, account: AccountConfig, password: str, cache: msal.SerializableTokenCache,
+def save_tokens(config: Config, account: AccountConfig, password: str, cache,
                 result: dict) -> dict:
     """Seal a fresh msal result with a new key derived from ``password`` (new salt)."""
     now = time.time()
     expires_at = now + float(result.get("expires_in") or 3600)
-    home = None
+    home = cached_home_account_id(cache)
     info = result.get("id_token_claims") or {}
-    accounts = [a for a in cache.find(msal.TokenCache.CredentialType.ACCOUNT)]
-    if accounts:
-        home = accounts[0].get("home_account_id")
     meta = token_meta(account.username, expires_at=expires_at, has_refresh_token="refresh_token" in result,
                       last_refresh=now, last_error=None, flow=account.flow)
     if info.get("preferred_username"):

@@ -24,7 +24,7 @@ import getpass
 import json
 import sys
 import time
-from typing import Any, Awaitable, Callable, TextIO
+from typing import Awaitable, Callable, TextIO
 
 import requests
 
@@ -35,10 +35,10 @@ from .login import TokenRejected, UpstreamError
 from .logs import register_secret
 from .smtp import upstream as smtp_upstream
 from .smtp.server import local_hostname
-from .store import NoTokens, StoreError, TokenStore
 from .tls import client_context
-from .tokens import LoginRefused, TokenBroker, TokenError, _TimeoutSession, describe_msal_error, \
-    make_app_only_msal_app
+from .tokens import LoginRefused, TokenBroker, TokenError
+from .tokens.identity import describe_msal_error, fetch_app_only_token, http_session
+from .tokens.store import NoTokens, StoreError, TokenStore
 
 IMAP_PERMISSIONS = ("IMAP.AccessAsUser.All", "IMAP.AccessAsApp")
 SMTP_PERMISSIONS = ("SMTP.Send", "SMTP.SendAsApp")
@@ -132,7 +132,7 @@ async def _check_identity(config: Config, report: Report, account: AccountConfig
 
 def _discover(config: Config, url: str) -> tuple[str | None, str | None]:
     identity = config.identity
-    session = _TimeoutSession(identity.timeout, str(identity.ca_file) if identity.ca_file else True)
+    session = http_session(identity)
     try:
         response = session.get(url)
     except requests.exceptions.SSLError:
@@ -192,25 +192,16 @@ async def _check_token(config: Config, report: Report, account: AccountConfig, p
 
 
 async def _check_app_only_token(config: Config, report: Report, account: AccountConfig, what: str) -> str | None:
-    def fetch() -> dict[str, Any]:
-        app = make_app_only_msal_app(config.identity)
-        return app.acquire_token_for_client([config.identity.app_only.scope])
-
     started = time.time()
     try:
-        result = await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, fetch),
-                                        config.limits.login_timeout)
+        result = await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(
+            None, fetch_app_only_token, config.identity), config.limits.login_timeout)
     except asyncio.TimeoutError:
         report.fail(what, "the identity provider did not answer in time", "check the network; try again later")
         return None
-    except Exception as exc:
-        report.fail(what, f"cannot get an app-only token ({exc.__class__.__name__}: {str(exc)[:200]})",
+    except TokenError as exc:
+        report.fail(what, str(exc), hint_for(str(exc)) or
                     "check identity.app_only (client_id, authority with your tenant id, secret or certificate)")
-        return None
-    if "access_token" not in result:
-        text = describe_msal_error(result)
-        report.fail(what, f"the app's credentials were refused: {text}",
-                    hint_for(text) or "check identity.app_only")
         return None
     token = result["access_token"]
     register_secret(token)

@@ -14,7 +14,7 @@ import signal
 from .config import Config
 from .imap.server import ImapProxy
 from .smtp.server import SmtpProxy
-from .store import StoreError, TokenStore
+from .tokens.store import StoreError, TokenStore
 from .throttle import FailureThrottle
 from .service import Runtime, make_server_tls
 from .tls import client_context

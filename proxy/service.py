@@ -33,7 +33,7 @@ from .config import Config, ConfigError, load_config
 from .imap.server import ImapProxy
 from .metrics import METRICS
 from .smtp.server import SmtpProxy
-from .store import StoreError, TokenStore
+from .tokens.store import StoreError, TokenStore
 from .tls import client_context, reload_server_context, server_context
 from .tokens import TokenBroker
 

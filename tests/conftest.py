@@ -84,7 +84,7 @@ from pathlib import Path  # noqa: E402
 
 from proxy.config import Address, load_config  # noqa: E402
 from proxy.smtp.server import SmtpProxy  # noqa: E402
-from proxy.store import TokenStore  # noqa: E402
+from proxy.tokens.store import TokenStore  # noqa: E402
 from proxy.tls import client_context  # noqa: E402
 from proxy.tokens import TokenBroker  # noqa: E402
 from tests.harness import authorize, write_config  # noqa: E402

@@ -26,7 +26,7 @@ import uuid
 import pytest
 import yaml
 
-from proxy.store import TokenStore, derive_key
+from proxy.tokens.store import TokenStore, derive_key
 from tests.conftest import SMTP_PASSWORD, SMTP_USER
 from tests.faultbed import PASSWORD, Bed, Client, FakeTLSFailure, leaks
 from tests.harness import ROOT, TcpForwarder, free_port, rss_kib
@@ -239,7 +239,7 @@ def test_message_with_a_dot_after_a_bare_line_break_is_refused_not_smuggled(smtp
 # ---------------------------------------------------------------------------------- token files
 WRITER = """
 import sys
-from proxy.store import TokenStore, derive_key
+from proxy.tokens.store import TokenStore, derive_key
 from tests.conftest import SMTP_PASSWORD, SMTP_USER
 store = TokenStore(sys.argv[1])
 key = derive_key("writer password", salt=b"0123456789abcdef", kdf={"name": "scrypt", "n": 1024, "r": 8, "p": 1})

@@ -6,7 +6,7 @@ import stat
 
 import pytest
 
-from proxy.store import NoTokens, StoreError, TokenStore, WrongPassword, derive_key
+from proxy.tokens.store import NoTokens, StoreError, TokenStore, WrongPassword, derive_key
 
 FAST = {"name": "scrypt", "n": 2**10, "r": 8, "p": 1}
 SECRET = "rt-0123456789-very-secret-refresh-token"

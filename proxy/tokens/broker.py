@@ -18,116 +18,22 @@ import hmac
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import msal
-import requests
-
-from .config import FLOW_CLIENT_CREDENTIALS, AccountConfig, Config, IdentityConfig
-from .logs import register_secret
-from .metrics import METRICS
+from ..config import FLOW_CLIENT_CREDENTIALS, AccountConfig, Config
+from ..logs import register_secret
+from ..metrics import METRICS
+from . import policy
+from .errors import LoginRefused, TokenError
+from .identity import (fetch_app_only_token, has_refresh_token, make_msal_app, new_cache, refresh_delegated,
+                       transport_error)
+from .state import token_meta, token_payload
 from .store import Key, NoTokens, StoreError, TokenStore, WrongPassword
 
 log = logging.getLogger("proxy.tokens")
-
-# msal error codes after which only a new browser sign-in helps.
-REAUTHORIZE_ERRORS = frozenset({"invalid_grant", "interaction_required", "consent_required", "login_required"})
-MIN_FORCED_REFRESH_INTERVAL = 30.0
-# After a failed refresh, a login may try again after at most this long (the background task
-# backs off exponentially up to MAX_BACKOFF); msal itself honours Retry-After on 429/5xx.
-LOGIN_RETRY_INTERVAL = 5.0
-MAX_BACKOFF = 60.0
-
-
-class TokenError(Exception):
-    """No usable access token. ``reauthorize`` says whether `proxy authorize` is the fix."""
-
-    def __init__(self, message: str, *, reauthorize: bool = False, retry_after: float | None = None):
-        super().__init__(message)
-        self.reauthorize = reauthorize
-        self.retry_after = retry_after
-
-
-class LoginRefused(Exception):
-    """The local user name or password is wrong (the message is safe to show)."""
-
-
-class _TimeoutSession(requests.Session):
-    """A requests session with a default timeout that ignores proxy/CA environment variables.
-
-    msal has no network timeout of its own, and this machine's kind of environment sets
-    REQUESTS_CA_BUNDLE, which would silently override ``verify``.
-    """
-
-    def __init__(self, timeout: float, verify: str | bool):
-        super().__init__()
-        self.trust_env = False
-        self.verify = verify
-        self._timeout = timeout
-
-    def request(self, *args: Any, **kwargs: Any) -> requests.Response:  # type: ignore[override]
-        kwargs.setdefault("timeout", self._timeout)
-        return super().request(*args, **kwargs)
-
-
-def make_msal_app(identity: IdentityConfig, cache: msal.SerializableTokenCache,
-                  http_cache: dict | None = None) -> msal.ClientApplication:
-    """Build the msal application (blocking: it fetches the authority's metadata)."""
-    http = _TimeoutSession(identity.timeout, str(identity.ca_file) if identity.ca_file else True)
-    common = dict(authority=identity.authority, token_cache=cache, http_client=http,
-                  instance_discovery=False, http_cache=http_cache)
-    if identity.client_secret:
-        return msal.ConfidentialClientApplication(identity.client_id, client_credential=identity.client_secret,
-                                                  **common)
-    return msal.PublicClientApplication(identity.client_id, **common)
-
-
-def make_app_only_msal_app(identity: IdentityConfig, http_cache: dict | None = None) -> msal.ConfidentialClientApplication:
-    """The confidential app of ``identity.app_only`` (blocking: it fetches the authority's metadata).
-
-    Each call gets an empty token cache, so ``acquire_token_for_client`` always asks the identity
-    provider: the broker keeps the app-only token itself and calls this only to refresh it.
-    """
-    app_only = identity.app_only
-    if app_only is None:
-        raise TokenError("identity.app_only is not configured")
-    http = _TimeoutSession(identity.timeout, str(identity.ca_file) if identity.ca_file else True)
-    if app_only.client_secret:
-        register_secret(app_only.client_secret)
-    return msal.ConfidentialClientApplication(
-        app_only.client_id, client_credential=app_only.credential, authority=app_only.authority,
-        token_cache=msal.TokenCache(), http_client=http, instance_discovery=False, http_cache=http_cache)
-
-
-def describe_msal_error(result: dict[str, Any]) -> str:
-    """Microsoft's error code and the first line of its description (never contains tokens)."""
-    description = str(result.get("error_description") or "").strip().splitlines()
-    return f"{result.get('error')}: {description[0][:300]}" if description else str(result.get("error"))
-
-
-def token_payload(cache: msal.SerializableTokenCache, home_account_id: str | None,
-                  access_token: str | None, expires_at: float | None) -> dict[str, Any]:
-    """What goes, encrypted, into a token file."""
-    return {"msal_cache": cache.serialize(), "home_account_id": home_account_id,
-            "access_token": access_token, "expires_at": expires_at}
-
-
-def token_meta(username: str, *, expires_at: float | None, has_refresh_token: bool,
-               last_refresh: float | None, last_error: str | None, state: str = "ok",
-               flow: str | None = None) -> dict[str, Any]:
-    """Non-secret status stored in clear (but authenticated) beside the ciphertext.
-
-    ``username`` is the token owner (the file's name); ``proxy status`` shows this without any
-    password. It is authenticated only when the file is opened with the key, so it is a display.
-    """
-    meta = {"account": username, "state": state, "access_token_expires": expires_at,
-            "has_refresh_token": has_refresh_token, "last_refresh": last_refresh,
-            "last_error": last_error, "updated": time.time()}
-    if flow:
-        meta["flow"] = flow
-    return meta
 
 
 @dataclass(eq=False)
@@ -155,9 +61,9 @@ class AccountState:
     verifier: bytes | None = field(default=None, repr=False)
     key: Key | None = field(default=None, repr=False)
     stamp: tuple[int, int, int] | None = None
-    cache: msal.SerializableTokenCache | None = field(default=None, repr=False)
+    cache: Any = field(default=None, repr=False)  # msal's SerializableTokenCache
     home_account_id: str | None = None
-    app: msal.ClientApplication | None = field(default=None, repr=False)
+    app: Any = field(default=None, repr=False)  # msal's ClientApplication, built at the first refresh
     access_token: str | None = field(default=None, repr=False)
     expires_at: float = 0.0
     lifetime: float = 3600.0
@@ -172,13 +78,9 @@ class AccountState:
     refreshing: asyncio.Task | None = None
     refresher: asyncio.Task | None = None
 
-    @property
-    def refresh_margin(self) -> float:
-        return min(300.0, self.lifetime / 4)
-
     def usable_token(self, now: float) -> str | None:
         """The current token if it stays valid long enough to complete a login."""
-        if self.access_token and self.expires_at - now > min(5.0, self.lifetime / 5):
+        if self.access_token and policy.usable(self.expires_at, self.lifetime, now):
             return self.access_token
         return None
 
@@ -186,8 +88,10 @@ class AccountState:
 class TokenBroker:
     """Verifies local passwords and hands out access tokens, refreshing them as needed."""
 
-    def __init__(self, config: Config, store: TokenStore, *, executor: ThreadPoolExecutor | None = None):
+    def __init__(self, config: Config, store: TokenStore, *, executor: ThreadPoolExecutor | None = None,
+                 clock: Callable[[], float] = time.time):
         self.config = config
+        self.clock = clock  # wall-clock seconds; injectable so the refresh timing can be tested
         self.store = store
         self._executor = executor or ThreadPoolExecutor(max_workers=8, thread_name_prefix="tokens")
         self._states: dict[str, AccountState] = {}
@@ -227,15 +131,15 @@ class TokenBroker:
         state = grant.state
         if state.dead:
             raise TokenError(state.dead, reauthorize=True)
-        now = time.time()
+        now = self.clock()
         token = state.usable_token(now)
         if token is not None:
-            if state.expires_at - now < state.refresh_margin:
+            if state.expires_at - now < policy.refresh_margin(state.lifetime):
                 self._start_refresh(state)  # ahead of expiry, without making this login wait
             return token
         task = self._start_refresh(state, eager=True)
         if task is None:
-            wait = state.failed_at + min(state.backoff, LOGIN_RETRY_INTERVAL) - now
+            wait = policy.login_retry_in(now, state.failed_at, state.backoff)
             raise TokenError(f"no valid token, and the last refresh failed ({state.last_error}); "
                              f"retrying in {wait:.0f} s", retry_after=wait)
         try:
@@ -254,8 +158,8 @@ class TokenBroker:
         state = grant.state
         if token != state.access_token:
             return True  # someone already replaced it
-        now = time.time()
-        if now - state.last_forced < MIN_FORCED_REFRESH_INTERVAL:
+        now = self.clock()
+        if now - state.last_forced < policy.MIN_FORCED_REFRESH_INTERVAL:
             return False  # it was just refreshed and still refused: refreshing again won't help
         state.last_forced = now
         state.access_token = None
@@ -310,8 +214,7 @@ class TokenBroker:
             raise LoginRefused("unknown user or wrong password") from None
         except StoreError as exc:
             raise TokenError(str(exc), reauthorize=True) from None
-        cache = msal.SerializableTokenCache()
-        cache.deserialize(payload.get("msal_cache") or "{}")
+        cache = new_cache(payload.get("msal_cache"))
         state.key, state.verifier, state.stamp, state.cache = key, verifier, sealed.stamp, cache
         state.home_account_id = payload.get("home_account_id")
         state.app = None
@@ -325,7 +228,7 @@ class TokenBroker:
                       f"{name}`") if meta.get("state") == "needs_authorization" else None
         if state.access_token:
             register_secret(state.access_token)
-        log.info("account %s unlocked (token valid for %.0f s)", name, max(0.0, state.expires_at - time.time()))
+        log.info("account %s unlocked (token valid for %.0f s)", name, max(0.0, state.expires_at - self.clock()))
         if state.refresher is None or state.refresher.done():
             state.refresher = asyncio.get_running_loop().create_task(self._keep_fresh(state))
 
@@ -333,11 +236,10 @@ class TokenBroker:
     def _start_refresh(self, state: AccountState, eager: bool = False) -> asyncio.Task | None:
         """The running refresh, or a new one; None while backing off after a failure.
 
-        ``eager`` (a login is waiting) shortens the backoff to LOGIN_RETRY_INTERVAL.
+        ``eager`` (a login is waiting) shortens the backoff (:func:`policy.may_refresh`).
         """
         if state.refreshing is None or state.refreshing.done():
-            pause = min(state.backoff, LOGIN_RETRY_INTERVAL) if eager else state.backoff
-            if time.time() < state.failed_at + pause:
+            if not policy.may_refresh(self.clock(), state.failed_at, state.backoff, login_waiting=eager):
                 return None
             state.refreshing = asyncio.get_running_loop().create_task(self._refresh(state))
             state.refreshing.add_done_callback(_consume_exception)
@@ -345,7 +247,7 @@ class TokenBroker:
 
     async def _refresh(self, state: AccountState) -> str:
         name = state.account.username
-        started = time.time()
+        started = self.clock()
         try:
             result = await self._run(self._refresh_sync, state)
         except TokenError as exc:
@@ -356,8 +258,8 @@ class TokenBroker:
                 METRICS.token_refreshes.labels("reauthorize").inc()
                 await self._persist(state, status="needs_authorization")
                 raise TokenError(state.dead, reauthorize=True) from None
-            state.backoff = min(max(2 * state.backoff, 2.0), MAX_BACKOFF)
-            state.failed_at = time.time()
+            state.backoff = policy.next_backoff(state.backoff)
+            state.failed_at = self.clock()
             METRICS.token_refreshes.labels("failed").inc()
             log.warning("account %s: token refresh failed (%s); next attempt in %.0f s", name, exc, state.backoff)
             raise
@@ -368,7 +270,7 @@ class TokenBroker:
         lifetime = float(result.get("expires_in") or 3600)
         state.access_token, state.lifetime = token, max(1.0, lifetime)
         state.expires_at, state.obtained_at = started + lifetime, started
-        state.last_refresh, state.last_error = time.time(), None
+        state.last_refresh, state.last_error = self.clock(), None
         state.granted_scope = result.get("scope") or state.granted_scope
         state.backoff, state.failed_at = 0.0, 0.0
         log.info("account %s: access token refreshed (valid %.0f s)", name, lifetime)
@@ -380,45 +282,13 @@ class TokenBroker:
         """Blocking: one refresh through msal (runs in the executor)."""
         identity = self.config.identity
         if state.account.flow == FLOW_CLIENT_CREDENTIALS:
-            return self._fetch_app_only_sync()
-        try:
-            if state.app is None:
+            return fetch_app_only_token(identity, self._http_cache)
+        if state.app is None:
+            try:
                 state.app = make_msal_app(identity, state.cache, self._http_cache)
-            accounts = [a for a in state.app.get_accounts()
-                        if a.get("home_account_id") == state.home_account_id] or state.app.get_accounts()
-            if not accounts:
-                raise TokenError("no account in the stored authorization", reauthorize=True)
-            result = state.app.acquire_token_silent_with_error(
-                identity.msal_scopes, account=accounts[0], force_refresh=True)
-        except TokenError:
-            raise
-        except (requests.RequestException, OSError) as exc:
-            raise TokenError(f"identity provider unreachable ({exc.__class__.__name__})") from None
-        except Exception as exc:  # msal raises MsalServiceError on HTTP 5xx, ValueError on bad metadata
-            raise TokenError(f"identity provider error ({exc.__class__.__name__}: {str(exc)[:120]})") from None
-        if result is None:
-            raise TokenError("no refresh token stored", reauthorize=True)
-        if "access_token" not in result:
-            raise TokenError(describe_msal_error(result),
-                             reauthorize=result.get("error") in REAUTHORIZE_ERRORS)
-        return result
-
-    def _fetch_app_only_sync(self) -> dict[str, Any]:
-        """Blocking: a new app-only token with the app's own credential (no refresh token exists)."""
-        identity = self.config.identity
-        try:
-            app = make_app_only_msal_app(identity, self._http_cache)
-            result = app.acquire_token_for_client([identity.app_only.scope])
-        except TokenError:
-            raise
-        except (requests.RequestException, OSError) as exc:
-            raise TokenError(f"identity provider unreachable ({exc.__class__.__name__})") from None
-        except Exception as exc:  # msal: MsalServiceError, ValueError (bad key or metadata)
-            raise TokenError(f"identity provider error ({exc.__class__.__name__}: {str(exc)[:120]})") from None
-        if "access_token" not in result:
-            raise TokenError(f"the app's credentials were refused: {describe_msal_error(result)}; "
-                             "check identity.app_only")
-        return result
+            except Exception as exc:  # discovery: network errors, ValueError on bad metadata
+                raise transport_error(exc) from None
+        return refresh_delegated(state.app, identity, state.home_account_id)
 
     async def _persist(self, state: AccountState, status: str = "ok") -> None:
         name = state.account.username
@@ -435,7 +305,7 @@ class TokenBroker:
                 log.info("account %s: token file changed on disk; reloading at next login", name)
                 state.verifier = None
                 return
-            has_rt = bool(state.cache.find(msal.TokenCache.CredentialType.REFRESH_TOKEN))
+            has_rt = has_refresh_token(state.cache)
             payload = token_payload(state.cache, state.home_account_id, state.access_token, state.expires_at)
             meta = token_meta(name, expires_at=state.expires_at, has_refresh_token=has_rt,
                               last_refresh=state.last_refresh, last_error=state.last_error, state=status,
@@ -447,8 +317,7 @@ class TokenBroker:
     async def _keep_fresh(self, state: AccountState) -> None:
         """Background task: refresh ahead of expiry; back off on failures (honouring Retry-After)."""
         while not self._closed and not state.dead:
-            now = time.time()
-            due = max(state.expires_at - state.refresh_margin, state.failed_at + state.backoff) - now
+            due = policy.refresh_due_at(state.expires_at, state.lifetime, state.failed_at, state.backoff) - self.clock()
             if due > 0:
                 await asyncio.sleep(min(due, 60.0))  # re-check the wall clock (laptops sleep)
                 continue

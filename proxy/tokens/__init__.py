@@ -1,0 +1,14 @@
+"""The token side of the proxy, in one place.
+
+- :mod:`.broker`: the token broker (holds each owner's tokens, checks local passwords,
+  refreshes ahead of expiry, one refresh at a time);
+- :mod:`.policy`: when to refresh, as pure functions of the token's times;
+- :mod:`.identity`: the one module that talks to the identity provider (msal);
+- :mod:`.store`: the encrypted token files; :mod:`.state`: what a file holds;
+- :mod:`.errors`: TokenError and LoginRefused.
+"""
+
+from .broker import AccountState, LoginGrant, TokenBroker
+from .errors import LoginRefused, TokenError
+
+__all__ = ["AccountState", "LoginGrant", "LoginRefused", "TokenBroker", "TokenError"]

@@ -1,0 +1,176 @@
+"""The one module that talks to the identity provider, through msal.
+
+Everything msal-specific lives here: building the applications (with our own HTTP session,
+because msal has no network timeout and ``REQUESTS_CA_BUNDLE`` would silently override
+``verify``), the silent refresh of a delegated account, the app-only token request (used by
+the broker, `proxy authorize` and `proxy check` alike), and the sign-in flows of `proxy
+authorize`. All of it is blocking: callers run it off the event loop. Errors come out as
+:class:`~proxy.tokens.errors.TokenError` with Microsoft's error code and the first line of its
+description, never a token.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msal
+import requests
+
+from ..config import IdentityConfig
+from ..logs import register_secret
+from .errors import TokenError
+
+# msal error codes after which only a new browser sign-in helps.
+REAUTHORIZE_ERRORS = frozenset({"invalid_grant", "interaction_required", "consent_required", "login_required"})
+
+
+class HttpSession(requests.Session):
+    """A requests session with a default timeout that ignores proxy/CA environment variables.
+
+    msal has no network timeout of its own, and this machine's kind of environment sets
+    REQUESTS_CA_BUNDLE, which would silently override ``verify``.
+    """
+
+    def __init__(self, timeout: float, verify: str | bool):
+        super().__init__()
+        self.trust_env = False
+        self.verify = verify
+        self._timeout = timeout
+
+    def request(self, *args: Any, **kwargs: Any) -> requests.Response:  # type: ignore[override]
+        kwargs.setdefault("timeout", self._timeout)
+        return super().request(*args, **kwargs)
+
+
+def http_session(identity: IdentityConfig) -> HttpSession:
+    """The HTTP session for talking to ``identity``'s authority (timeout, CA file)."""
+    return HttpSession(identity.timeout, str(identity.ca_file) if identity.ca_file else True)
+
+
+def make_msal_app(identity: IdentityConfig, cache: msal.SerializableTokenCache,
+                  http_cache: dict | None = None) -> msal.ClientApplication:
+    """Build the msal application (blocking: it fetches the authority's metadata)."""
+    common = dict(authority=identity.authority, token_cache=cache, http_client=http_session(identity),
+                  instance_discovery=False, http_cache=http_cache)
+    if identity.client_secret:
+        return msal.ConfidentialClientApplication(identity.client_id, client_credential=identity.client_secret,
+                                                  **common)
+    return msal.PublicClientApplication(identity.client_id, **common)
+
+
+def make_app_only_msal_app(identity: IdentityConfig, http_cache: dict | None = None) -> msal.ConfidentialClientApplication:
+    """The confidential app of ``identity.app_only`` (blocking: it fetches the authority's metadata).
+
+    Each call gets an empty token cache, so ``acquire_token_for_client`` always asks the identity
+    provider: the broker keeps the app-only token itself and calls this only to refresh it.
+    """
+    app_only = identity.app_only
+    if app_only is None:
+        raise TokenError("identity.app_only is not configured")
+    if app_only.client_secret:
+        register_secret(app_only.client_secret)
+    return msal.ConfidentialClientApplication(
+        app_only.client_id, client_credential=app_only.credential, authority=app_only.authority,
+        token_cache=msal.TokenCache(), http_client=http_session(identity), instance_discovery=False,
+        http_cache=http_cache)
+
+
+def describe_msal_error(result: dict[str, Any]) -> str:
+    """Microsoft's error code and the first line of its description (never contains tokens)."""
+    description = str(result.get("error_description") or "").strip().splitlines()
+    return f"{result.get('error')}: {description[0][:300]}" if description else str(result.get("error"))
+
+
+def refresh_delegated(app: msal.ClientApplication, identity: IdentityConfig,
+                      home_account_id: str | None) -> dict[str, Any]:
+    """Blocking: redeem the refresh token in ``app``'s cache for a new access token.
+
+    Returns msal's result (with ``access_token``); raises TokenError, with ``reauthorize`` set
+    when only a new sign-in helps.
+    """
+    try:
+        accounts = [a for a in app.get_accounts()
+                    if a.get("home_account_id") == home_account_id] or app.get_accounts()
+        if not accounts:
+            raise TokenError("no account in the stored authorization", reauthorize=True)
+        result = app.acquire_token_silent_with_error(identity.msal_scopes, account=accounts[0], force_refresh=True)
+    except TokenError:
+        raise
+    except Exception as exc:
+        raise transport_error(exc) from None
+    if result is None:
+        raise TokenError("no refresh token stored", reauthorize=True)
+    if "access_token" not in result:
+        raise TokenError(describe_msal_error(result), reauthorize=result.get("error") in REAUTHORIZE_ERRORS)
+    return result
+
+
+def fetch_app_only_token(identity: IdentityConfig, http_cache: dict | None = None) -> dict[str, Any]:
+    """Blocking: a new app-only token with the app's own credential (there is no refresh token).
+
+    The one app-only request of the proxy: the broker, `proxy authorize` and `proxy check` use it.
+    """
+    try:
+        app = make_app_only_msal_app(identity, http_cache)
+        result = app.acquire_token_for_client([identity.app_only.scope])
+    except TokenError:
+        raise
+    except Exception as exc:
+        raise transport_error(exc) from None
+    if "access_token" not in result:
+        raise TokenError(f"the app's credentials were refused: {describe_msal_error(result)}; "
+                         "check identity.app_only")
+    return result
+
+
+def transport_error(exc: Exception) -> TokenError:
+    """A TokenError for an exception raised while talking to the identity provider."""
+    if isinstance(exc, (requests.RequestException, OSError)):
+        return TokenError(f"identity provider unreachable ({exc.__class__.__name__})")
+    # msal raises MsalServiceError on HTTP 5xx, ValueError on bad metadata or a bad key
+    return TokenError(f"identity provider error ({exc.__class__.__name__}: {str(exc)[:120]})")
+
+
+# ------------------------------------------------------------------------------ the token cache
+def new_cache(serialized: str | None = None) -> msal.SerializableTokenCache:
+    """msal's token cache, empty or from what a token file stored."""
+    cache = msal.SerializableTokenCache()
+    if serialized:
+        cache.deserialize(serialized)
+    return cache
+
+
+def has_refresh_token(cache: msal.TokenCache) -> bool:
+    return bool(cache.find(msal.TokenCache.CredentialType.REFRESH_TOKEN))
+
+
+def cached_home_account_id(cache: msal.TokenCache) -> str | None:
+    """The signed-in account's id in msal's cache (to pick it for silent refreshes)."""
+    accounts = cache.find(msal.TokenCache.CredentialType.ACCOUNT)
+    return accounts[0].get("home_account_id") if accounts else None
+
+
+# ------------------------------------------------------------------------------ sign-in flows
+def begin_browser_sign_in(app: msal.ClientApplication, identity: IdentityConfig, redirect_uri: str,
+                          login_hint: str) -> dict[str, Any]:
+    """The authorization code flow with PKCE: msal's flow dict (``auth_uri``, ``state``, ...)."""
+    return app.initiate_auth_code_flow(identity.msal_scopes, redirect_uri=redirect_uri, login_hint=login_hint,
+                                       response_mode="form_post", prompt="select_account")
+
+
+def finish_browser_sign_in(app: msal.ClientApplication, flow: dict[str, Any],
+                           response: dict[str, str]) -> dict[str, Any]:
+    """Redeem the redirect's code (msal checks state and nonce); raises ValueError if it does not match."""
+    return app.acquire_token_by_auth_code_flow(flow, response)
+
+
+def begin_device_sign_in(app: msal.ClientApplication, identity: IdentityConfig) -> dict[str, Any] | None:
+    """The device code flow's first step; None if ``app`` cannot do it (a confidential client)."""
+    if not hasattr(app, "initiate_device_flow"):
+        return None
+    return app.initiate_device_flow(scopes=identity.msal_scopes)
+
+
+def finish_device_sign_in(app: msal.ClientApplication, flow: dict[str, Any], exit_condition) -> dict[str, Any]:
+    """Poll until the user approved, declined, the code expired or ``exit_condition(flow)`` is true."""
+    return app.acquire_token_by_device_flow(flow, exit_condition=exit_condition)
