@@ -13,6 +13,7 @@ When a test that uses ``dovecot`` fails, Dovecot's log is added to the failure r
 from __future__ import annotations
 
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterator
 
@@ -22,6 +23,17 @@ from tests.dovecot import Dovecot
 from tests.idp import IdentityProvider
 from tests.pki import TestPKI, make_test_pki
 from tests.sink import SinkServer
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Give Ctrl+C (SIGINT) its normal meaning, also for the processes the tests start.
+
+    A non-interactive shell starts background jobs with SIGINT ignored, children inherit that,
+    and Python then never raises KeyboardInterrupt: a test that interrupts `proxy authorize`
+    would wait for nothing. A handler (unlike "ignored") is reset to the default on exec.
+    """
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
