@@ -7,9 +7,11 @@ proxy behaves the same whatever directory a service manager starts it in.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import re
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +32,19 @@ STARTTLS_OFF, STARTTLS_ON, STARTTLS_REQUIRED = "off", "on", "required"
 # (see docs/container.md), e.g. PROXY_IMAP_LISTEN=0.0.0.0:1143, PROXY_TOKENS_PATH=/tokens.
 ENV_PREFIX = "PROXY_"
 ENV_SECTIONS = ("identity", "imap", "smtp", "tls", "tokens", "admin", "limits")
+# PROXY_* variables that are not config overrides (the command line's own).
+ENV_OTHER = ("PROXY_CONFIG", "PROXY_LOG_LEVEL", "PROXY_LOG_FORMAT")
+# Microsoft's sign-in hosts (public and national clouds; the list msal knows). Authorities on
+# them name a tenant (a GUID, a domain, or organizations/common/consumers) and take GUID client
+# ids; other hosts (ADFS, the tests' identity provider) are not held to Microsoft's formats.
+MICROSOFT_AUTHORITY_HOSTS = frozenset({
+    "login.microsoftonline.com", "login.microsoft.com", "login.windows.net", "sts.windows.net",
+    "login-us.microsoftonline.com", "login.microsoftonline.us", "login.usgovcloudapi.net",
+    "login.chinacloudapi.cn", "login.partner.microsoftonline.cn", "login.microsoftonline.de",
+    "login.sovcloud-identity.de", "login.sovcloud-identity.fr", "login.sovcloud-identity.sg"})
+TENANT_ALIASES = ("organizations", "common", "consumers")
+_GUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.I)
+_PLACEHOLDER = re.compile(r"<[^<>\n]{1,60}>")
 
 
 class ConfigError(ValueError):
@@ -226,11 +241,19 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> C
 
 
 def parse_config(data: Any, *, base_dir: Path, source: Path | None = None) -> Config:
-    """Validate an already-parsed YAML document."""
+    """Validate an already-parsed YAML document (as :func:`apply_env_overrides` returns it: an
+    error about a value set by a ``PROXY_*`` variable names the variable)."""
+    try:
+        return _parse_config(data, base_dir=base_dir, source=source)
+    except ConfigError as exc:
+        raise ConfigError(_name_env_origin(str(exc), getattr(data, "env_origins", {}))) from None
+
+
+def _parse_config(data: Any, *, base_dir: Path, source: Path | None = None) -> Config:
     root = _Section(data, "", base_dir)
     identity = root.section("identity", required=True)
     identity_cfg = IdentityConfig(
-        authority=identity.https_url("authority", required=True),
+        authority=_authority(identity, "authority", required=True),
         client_id=identity.string("client_id", required=True),
         client_secret=identity.string("client_secret"),
         ca_file=identity.path("ca_file", must_exist=True),
@@ -239,6 +262,7 @@ def parse_config(data: Any, *, base_dir: Path, source: Path | None = None) -> Co
         app_only=_app_only(identity.section("app_only"), identity),
     )
     identity.done()
+    _check_client_id("identity.client_id", identity_cfg.client_id, identity_cfg.authority)
 
     imap_cfg = _listener(root.section("imap"), "127.0.0.1:1143", "outlook.office365.com:993", ("implicit",))
     smtp_cfg = _listener(root.section("smtp"), "127.0.0.1:1587", "smtp.office365.com:587",
@@ -322,7 +346,7 @@ def _app_only(section: "_Section", identity: "_Section") -> AppOnlyConfig | None
         section.done()
         return None
     name = section.prefix
-    authority = section.https_url("authority") or identity.data.get("authority", "")
+    authority = _authority(section, "authority") or identity.data.get("authority", "")
     tenant = str(authority).rstrip("/").rsplit("/", 1)[-1].lower()
     if tenant in ("common", "organizations", "consumers"):
         raise ConfigError(f"{name}.authority: app-only access needs your tenant, not {tenant!r}: "
@@ -353,7 +377,60 @@ def _app_only(section: "_Section", identity: "_Section") -> AppOnlyConfig | None
     if not config.scope.endswith("/.default"):
         raise ConfigError(f"{name}.scope: app-only scopes end in /.default, e.g. {APP_ONLY_SCOPE}")
     section.done()
+    _check_client_id(f"{name}.client_id" if section.data.get("client_id") else "identity.client_id",
+                     config.client_id, config.authority)
     return config
+
+
+def _authority(section: "_Section", key: str, required: bool = False) -> str | None:
+    """An authority URL (``https://<host>/<tenant>``), with the usual mistakes caught offline:
+    an endpoint URL (``.../oauth2/v2.0/token``, ``.../v2.0/.well-known/...``) pasted in its place,
+    and, on Microsoft's hosts, a missing or malformed tenant."""
+    value = section.https_url(key, required)
+    if value is None:
+        return None
+    name = section._key(key)
+    url = urllib.parse.urlsplit(value)
+    host = (url.hostname or "").lower()
+    segments = [s for s in url.path.split("/") if s]
+    lowered = [s.lower() for s in segments]
+    endpoint = next((i for i, s in enumerate(lowered) if s in ("oauth2", "v2.0", ".well-known", "discovery")), None)
+    if endpoint is not None or url.query or url.fragment:
+        base = f"{url.scheme}://{url.netloc}/{'/'.join(segments[:endpoint] if endpoint is not None else segments)}"
+        what = ("the authorize endpoint" if "authorize" in lowered else "the token endpoint" if "token" in lowered
+                else "the device code endpoint" if "devicecode" in lowered
+                else "the OpenID configuration address" if ".well-known" in lowered
+                else "the issuer address" if lowered[-1:] == ["v2.0"] else "an endpoint address")
+        raise ConfigError(f"{name}: {value!r} is {what}, not the authority; use only the part up to the tenant: "
+                          f"{base.rstrip('/')}")
+    if host in MICROSOFT_AUTHORITY_HOSTS:
+        example = f"https://{host}/<tenant-id> (the Directory (tenant) ID) or https://{host}/organizations"
+        if not segments:
+            raise ConfigError(f"{name}: {value!r} names no tenant; use {example}")
+        if len(segments) > 1:
+            raise ConfigError(f"{name}: {value!r} has more than the tenant after the host; use {example}")
+        tenant = lowered[0]
+        if not (_GUID.match(tenant) or tenant in TENANT_ALIASES or "." in tenant):
+            raise ConfigError(f"{name}: {segments[0]!r} is not a tenant: Microsoft's tenant ids are GUIDs "
+                              "like 9188040d-6c67-4c5b-b112-36a304b66dad (Entra ID > Overview > Tenant ID), or a "
+                              "domain of the tenant (firm.onmicrosoft.com), or organizations")
+    return value
+
+
+def _check_client_id(key: str, client_id: str | None, authority: str | None) -> None:
+    """On Microsoft's sign-in hosts a client id is the app registration's GUID."""
+    if not client_id or not authority:
+        return
+    url = urllib.parse.urlsplit(authority)
+    if (url.hostname or "").lower() not in MICROSOFT_AUTHORITY_HOSTS:
+        return
+    if not _GUID.match(client_id):
+        raise ConfigError(f"{key}: {client_id!r} is not an Application (client) ID: those are GUIDs like "
+                          "1b2c3d4e-0000-4000-8000-00000000abcd; copy it from Entra ID > App registrations > "
+                          "your app > Overview (not the secret, not the app's name)")
+    if url.path.strip("/").lower() == client_id.lower():
+        raise ConfigError(f"{key}: {client_id} is the Directory (tenant) ID of the authority; client_id is the "
+                          "Application (client) ID shown beside it")
 
 
 def _read(path: Path, key: str) -> str:
@@ -444,18 +521,44 @@ def apply_env_overrides(data: Any, environ: Mapping[str, str]) -> Any:
     """
     if not isinstance(data, dict):
         return data
-    data = dict(data)
+    data = _EnvDocument(data)
     for name, raw in sorted(environ.items()):
-        if not name.startswith(ENV_PREFIX):
+        if not name.startswith(ENV_PREFIX) or name in ENV_OTHER:
             continue
         section, _, key = name[len(ENV_PREFIX):].lower().partition("_")
         if section not in ENV_SECTIONS or not key:
+            close = difflib.get_close_matches(section, ENV_SECTIONS, n=1, cutoff=0.75)
+            if close and key:
+                raise ConfigError(f"environment variable {name}: there is no config section {section!r} "
+                                  f"(did you mean {ENV_PREFIX}{close[0].upper()}_{key.upper()}?)")
             continue
         current = data.get(section)
         if current is not None and not isinstance(current, dict):
             continue  # the normal validation reports the section itself
         data[section] = {**(current or {}), key: _env_value(raw)}
+        data.env_origins[f"{section}.{key}"] = name
     return data
+
+
+class _EnvDocument(dict):
+    """The YAML document with the environment's overrides, and which key came from which variable."""
+
+    def __init__(self, data: dict):
+        super().__init__(data)
+        self.env_origins: dict[str, str] = {}
+
+
+def _name_env_origin(message: str, origins: Mapping[str, str]) -> str:
+    """``imap.listen: ...`` becomes ``imap.listen (from PROXY_IMAP_LISTEN): ...`` when the
+    environment set that key (every message starts with the key it is about)."""
+    key, sep, rest = message.partition(": ")
+    variable = origins.get(key) if sep else None
+    if variable is None or variable in message:
+        return message
+    section = key.split(".", 1)[0]
+    rest = re.sub(r"did you mean ([a-z0-9_]+)\?",
+                  lambda m: f"did you mean {ENV_PREFIX}{section.upper()}_{m.group(1).upper()}?", rest)
+    return f"{key} (from environment variable {variable}): {rest}"
 
 
 def _env_value(raw: str) -> Any:
@@ -490,7 +593,10 @@ class _Section:
         if data is None:
             data = {}
         if not isinstance(data, dict):
-            raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {type(data).__name__}")
+            example = (f" (for example `- username: {data}`)" if re.fullmatch(r"accounts\[\d+\]", prefix)
+                       and isinstance(data, str) else "")
+            raise ConfigError(f"{prefix or 'config'}: expected a mapping (indented `key: value` lines){example}, "
+                              f"got {_kind(data)}")
         self.data, self.prefix, self.base_dir, self.used = data, prefix, base_dir, set()
 
     def _key(self, key: str) -> str:
@@ -500,8 +606,22 @@ class _Section:
         self.used.add(key)
         value = self.data.get(key)
         if value is None and required:
-            raise ConfigError(f"{self._key(key)}: required")
+            # A misspelt key is reported as what the user typed, before the key it stands for is missed.
+            typo = self._typo_of(key)
+            if typo is not None:
+                raise ConfigError(f"{self._key(typo)}: unknown key (did you mean {key}?)")
+            raise ConfigError(f"{self._key(key)}: required" + (" (it is there, but has no value)"
+                                                                 if key in self.data else ""))
         return value
+
+    def _typo_of(self, key: str) -> str | None:
+        """A key in the file, not read (yet), that looks like a misspelling of ``key``."""
+        unread = [str(k) for k in self.data if str(k) not in self.used]
+        folded = {_fold(k): k for k in unread}
+        if _fold(key) in folded:
+            return folded[_fold(key)]
+        close = difflib.get_close_matches(key, unread, n=1, cutoff=0.8)
+        return close[0] if close else None
 
     def section(self, key: str, required: bool = False) -> _Section:
         return _Section(self._get(key, required), self._key(key), self.base_dir)
@@ -509,17 +629,21 @@ class _Section:
     def list(self, key: str, required: bool = False) -> list:
         value = self._get(key, required)
         if value is not None and not isinstance(value, list):
-            raise ConfigError(f"{self._key(key)}: expected a list")
+            raise ConfigError(f"{self._key(key)}: expected a list (lines starting with `- `), got {_kind(value)}")
         return value or []
 
     def string(self, key: str, required: bool = False) -> str | None:
         value = self._get(key, required)
         if value is None:
             return None
-        if not isinstance(value, (str, int)) or isinstance(value, bool) or not str(value).strip():
-            raise ConfigError(f"{self._key(key)}: expected a non-empty string")
-        if str(value).startswith("<"):
-            raise ConfigError(f"{self._key(key)}: still the placeholder {value!r}; fill in the real value")
+        if not isinstance(value, (str, int)) or isinstance(value, bool):
+            raise ConfigError(f"{self._key(key)}: expected a text value, got {_kind(value)}")
+        if not str(value).strip():
+            raise ConfigError(f"{self._key(key)}: is empty")
+        placeholder = _PLACEHOLDER.search(str(value))
+        if placeholder is not None:
+            raise ConfigError(f"{self._key(key)}: still contains the placeholder {placeholder.group(0)}; "
+                              "fill in the real value")
         return str(value).strip()
 
     def string_list(self, key: str) -> list[str] | None:
@@ -527,7 +651,7 @@ class _Section:
         if value is None:
             return None
         if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
-            raise ConfigError(f"{self._key(key)}: expected a non-empty list of strings")
+            raise ConfigError(f"{self._key(key)}: expected a non-empty list of strings, got {_kind(value)}")
         return value
 
     def https_url(self, key: str, required: bool = False) -> str:
@@ -540,7 +664,9 @@ class _Section:
         value = self._get(key, False)
         if value is None:
             return default
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not minimum <= value <= maximum:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{self._key(key)}: expected a number from {minimum} to {maximum}, got {_kind(value)}")
+        if not minimum <= value <= maximum:
             raise ConfigError(f"{self._key(key)}: expected a number from {minimum} to {maximum}, got {value!r}")
         return float(value)
 
@@ -549,7 +675,7 @@ class _Section:
         if value is None:
             return default
         if not isinstance(value, bool):
-            raise ConfigError(f"{self._key(key)}: expected true or false, got {value!r}")
+            raise ConfigError(f"{self._key(key)}: expected true or false, got {_kind(value)}")
         return value
 
     def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
@@ -578,5 +704,30 @@ class _Section:
     def done(self) -> None:
         unknown = sorted(set(map(str, self.data)) - self.used)
         if unknown:
-            raise ConfigError(f"{self._key(unknown[0])}: unknown key (check the spelling; "
-                              f"see config.example.yaml)")
+            known = {_fold(k): k for k in self.used}
+            close = known.get(_fold(unknown[0])) or next(
+                iter(difflib.get_close_matches(unknown[0], sorted(self.used), n=1, cutoff=0.6)), None)
+            raise ConfigError(f"{self._key(unknown[0])}: unknown key " + (
+                f"(did you mean {close}?)" if close else "(check the spelling; see config.example.yaml)"))
+
+
+def _fold(key: str) -> str:
+    """A key without case, spaces, dashes and underscores (clientId, client-id and client_id match)."""
+    return re.sub(r"[\s_-]", "", str(key)).casefold()
+
+
+def _kind(value: Any) -> str:
+    """What the user wrote, in YAML's words, for "expected X, got Y" messages."""
+    if value is None:
+        return "nothing"
+    if isinstance(value, bool):
+        return f"{str(value).lower()} (true/false)"
+    if isinstance(value, (int, float)):
+        return f"the number {value!r}"
+    if isinstance(value, str):
+        return f"the text {value[:60]!r}"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping (indented key: value lines)"
+    return type(value).__name__

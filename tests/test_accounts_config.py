@@ -16,10 +16,12 @@ from proxy.config import FLOW_CLIENT_CREDENTIALS, FLOW_DELEGATED, ConfigError, p
 from proxy.hints import hint_for, imap_refused_hint, smtp_refused_hint
 
 TENANT = "https://login.microsoftonline.com/9188040d-6c67-4c5b-b112-36a304b66dad"
+PUBLIC_APP = "0b7a1c2d-3e4f-4a5b-8c6d-7e8f9a0b1c2d"    # Microsoft client ids are GUIDs (checked offline)
+ROBOT_APP = "5f6e7d8c-9b0a-4c1d-9e2f-3a4b5c6d7e8f"
 
 
 def parse(accounts, app_only=None, authority=TENANT, base_dir=Path(".")):
-    identity = {"authority": authority, "client_id": "public-app"}
+    identity = {"authority": authority, "client_id": PUBLIC_APP}
     if app_only is not None:
         identity["app_only"] = app_only
     return parse_config({"identity": identity, "accounts": accounts}, base_dir=base_dir)
@@ -41,7 +43,7 @@ def test_mailbox_token_owner_and_flow_are_resolved():
     assert config.owner_account("IT@firm.de").username == "it@firm.de"   # an owner that is no account
     assert config.owner_account("nobody@firm.de") is None
     app = config.identity.app_only
-    assert (app.client_id, app.authority, app.scope) == ("public-app", TENANT, "https://outlook.office365.com/.default")
+    assert (app.client_id, app.authority, app.scope) == (PUBLIC_APP, TENANT, "https://outlook.office365.com/.default")
     assert app.credential == "s3cret-value" and "s3cret" not in repr(config)
 
 
@@ -71,9 +73,9 @@ def test_bad_account_settings_name_the_key(accounts, app_only, authority, key, t
 def test_app_only_credentials_from_files(tmp_path):
     (tmp_path / "secret.txt").write_text("  from-a-file \n")
     config = parse([{"username": "a@x.de", "flow": "client_credentials"}],
-                   {"client_id": "robot-app", "client_secret_file": "secret.txt"}, base_dir=tmp_path)
+                   {"client_id": ROBOT_APP, "client_secret_file": "secret.txt"}, base_dir=tmp_path)
     assert config.identity.app_only.credential == "from-a-file"
-    assert config.identity.app_only.client_id == "robot-app"
+    assert config.identity.app_only.client_id == ROBOT_APP
     pem = ("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
            "-----BEGIN PRIVATE KEY-----\nMIIE\n-----END PRIVATE KEY-----\n")
     (tmp_path / "app.pem").write_text(pem)

@@ -3,10 +3,12 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from proxy.config import ConfigError, load_config, parse_config
 
-BASE = {"identity": {"authority": "https://login.microsoftonline.com/organizations", "client_id": "abc"},
+CLIENT_ID = "1b2c3d4e-0000-4000-8000-00000000abcd"
+BASE = {"identity": {"authority": "https://login.microsoftonline.com/organizations", "client_id": CLIENT_ID},
         "accounts": [{"username": "alice@firm.de"}]}
 
 
@@ -80,3 +82,121 @@ def test_unreadable_and_invalid_yaml(tmp_path):
     bad.write_text("identity: [\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+# ------------------------------------------------------------------ what the user typed, named as typed
+TENANT_ID = "9188040d-6c67-4c5b-b112-36a304b66dad"
+MS = "https://login.microsoftonline.com"
+
+
+@pytest.mark.parametrize("identity, message", [
+    # a misspelt required key is an unknown key (with the right name), not a missing one
+    ({"authority": f"{MS}/organizations", "clientid": CLIENT_ID},
+     "identity.clientid: unknown key (did you mean client_id?)"),
+    ({"authority": f"{MS}/organizations", "ClientId": CLIENT_ID},
+     "identity.ClientId: unknown key (did you mean client_id?)"),
+    ({"authorty": f"{MS}/organizations", "client_id": CLIENT_ID},
+     "identity.authorty: unknown key (did you mean authority?)"),
+    ({"authority": f"{MS}/organizations", "client_id": CLIENT_ID, "time_out": 5},
+     "identity.time_out: unknown key (did you mean timeout?)"),
+    ({"authority": f"{MS}/organizations", "client_id": None},
+     "identity.client_id: required (it is there, but has no value)"),
+    ({"authority": f"{MS}/organizations"}, "identity.client_id: required"),
+    # placeholders and endpoint addresses pasted as the authority
+    ({"authority": f"{MS}/<tenant-id>", "client_id": CLIENT_ID},
+     "identity.authority: still contains the placeholder <tenant-id>"),
+    ({"authority": f"{MS}/{TENANT_ID}/oauth2/v2.0/authorize", "client_id": CLIENT_ID},
+     f"identity.authority: '{MS}/{TENANT_ID}/oauth2/v2.0/authorize' is the authorize endpoint, not the "
+     f"authority; use only the part up to the tenant: {MS}/{TENANT_ID}"),
+    ({"authority": f"{MS}/{TENANT_ID}/oauth2/v2.0/token", "client_id": CLIENT_ID},
+     f"is the token endpoint, not the authority; use only the part up to the tenant: {MS}/{TENANT_ID}"),
+    ({"authority": f"{MS}/organizations/v2.0/.well-known/openid-configuration", "client_id": CLIENT_ID},
+     f"is the OpenID configuration address, not the authority; use only the part up to the tenant: "
+     f"{MS}/organizations"),
+    ({"authority": f"{MS}/{TENANT_ID}/v2.0", "client_id": CLIENT_ID}, "is the issuer address"),
+    ({"authority": "https://idp.example/t/oauth2/authorize?client_id=x", "client_id": "x"},
+     "use only the part up to the tenant: https://idp.example/t"),
+    ({"authority": MS, "client_id": CLIENT_ID}, f"identity.authority: '{MS}' names no tenant"),
+    ({"authority": f"{MS}/kanzlei", "client_id": CLIENT_ID}, "identity.authority: 'kanzlei' is not a tenant"),
+    ({"authority": f"{MS}/{TENANT_ID}/extra", "client_id": CLIENT_ID}, "has more than the tenant"),
+    # client ids on Microsoft's hosts are GUIDs
+    ({"authority": f"{MS}/organizations", "client_id": "kanzlei-proxy"},
+     "identity.client_id: 'kanzlei-proxy' is not an Application (client) ID"),
+    ({"authority": f"{MS}/organizations", "client_id": "Xy8Q~abcdefghijklmnopqrstuvwxyz0123456"},
+     "is not an Application (client) ID"),                                   # the secret pasted instead
+    ({"authority": f"{MS}/{TENANT_ID}", "client_id": TENANT_ID}, "is the Directory (tenant) ID"),
+    ({"authority": f"{MS}/{TENANT_ID}", "client_id": CLIENT_ID,
+      "app_only": {"client_id": "robot", "client_secret": "s"}},
+     "identity.app_only.client_id: 'robot' is not an Application (client) ID"),
+    ({"authority": f"{MS}/organizations", "client_id": CLIENT_ID,
+      "app_only": {"authority": f"{MS}/{TENANT_ID}/oauth2/v2.0/token", "client_secret": "s"}},
+     "identity.app_only.authority: "),
+])
+def test_identity_mistakes_are_caught_offline(identity, message):
+    with pytest.raises(ConfigError) as info:
+        parse({**BASE, "identity": identity})
+    assert message in str(info.value)
+    assert str(info.value).startswith(message.split(":")[0] if message.startswith("identity") else "identity")
+
+
+@pytest.mark.parametrize("authority, client_id", [
+    (f"{MS}/organizations", CLIENT_ID),
+    (f"{MS}/{TENANT_ID.upper()}", CLIENT_ID.upper()),
+    (f"{MS}/firm.onmicrosoft.com", CLIENT_ID),
+    (f"{MS}/common/", CLIENT_ID),
+    ("https://login.microsoftonline.us/organizations", CLIENT_ID),
+    # other identity providers (ADFS, the tests' own) are not held to Microsoft's id formats
+    ("https://127.0.0.1:8443/test-tenant", "test-client"),
+    ("https://adfs.firm.de/adfs", "proxy"),
+])
+def test_good_authorities_and_client_ids(authority, client_id):
+    identity = parse({**BASE, "identity": {"authority": authority, "client_id": client_id}}).identity
+    assert identity.authority == authority.rstrip("/") and identity.client_id == client_id
+
+
+@pytest.mark.parametrize("patch, message", [
+    ({"identity": {"authority": f"{MS}/organizations", "client_id": ["a"]}},
+     "identity.client_id: expected a text value, got a list"),
+    ({"limits": {"login_timeout": "fast"}}, "limits.login_timeout: expected a number from 1 to 300, got the text 'fast'"),
+    ({"limits": {"login_timeout": True}}, "limits.login_timeout: expected a number from 1 to 300, got true"),
+    ({"imap": {"allow_plaintext": "yes"}}, "imap.allow_plaintext: expected true or false, got the text 'yes'"),
+    ({"accounts": "alice@firm.de"}, "accounts: expected a list (lines starting with `- `), got the text"),
+    ({"accounts": ["alice@firm.de"]}, "accounts[0]: expected a mapping (indented `key: value` lines) "
+                                      "(for example `- username: alice@firm.de`), got the text 'alice@firm.de'"),
+    ({"identity": f"{MS}/organizations"}, "identity: expected a mapping"),
+    ({"tokens": "./tokens"}, "tokens: expected a mapping"),
+    ({"imap": {"listen": 1143}}, "imap.listen: expected host:port"),
+    ({"accounts": [{"username": ""}]}, "accounts[0].username: is empty"),
+])
+def test_wrong_types_are_reported_as_wrong_types(patch, message):
+    with pytest.raises(ConfigError) as info:
+        parse({**BASE, **patch})
+    assert message in str(info.value) and "required" not in str(info.value)
+
+
+def test_errors_from_environment_variables_name_the_variable(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(BASE))
+    cases = {
+        "PROXY_LIMITS_LOGIN_TIMEOUT": ("fast", "limits.login_timeout (from environment variable "
+                                               "PROXY_LIMITS_LOGIN_TIMEOUT): expected a number"),
+        "PROXY_IMAP_LISTEN": ("0.0.0.0:1143", "imap.listen (from environment variable PROXY_IMAP_LISTEN): "
+                                              "0.0.0.0:1143 is not a loopback address"),
+        "PROXY_IDENTITY_CLIENTID": (CLIENT_ID, "identity.clientid (from environment variable "
+                                               "PROXY_IDENTITY_CLIENTID): unknown key (did you mean "
+                                               "PROXY_IDENTITY_CLIENT_ID?)"),
+        "PROXY_IDENTTY_CLIENT_ID": (CLIENT_ID, "environment variable PROXY_IDENTTY_CLIENT_ID: there is no config "
+                                               "section 'identty' (did you mean PROXY_IDENTITY_CLIENT_ID?)"),
+        "PROXY_IDENTITY_AUTHORITY": (f"{MS}/<tenant-id>", "identity.authority (from environment variable "
+                                                          "PROXY_IDENTITY_AUTHORITY): still contains the placeholder"),
+    }
+    for name, (value, message) in cases.items():
+        with pytest.raises(ConfigError) as info:
+            load_config(path, {name: value})
+        assert message in str(info.value), name
+    # the command line's own variables and other programs' are not config keys
+    assert load_config(path, {"PROXY_LOG_LEVEL": "DEBUG", "PROXY_CONFIG": "x", "OTHER_IMAP_LISTEN": "x"})
+    # a YAML error in the same key is not blamed on the environment
+    path.write_text(yaml.safe_dump({**BASE, "limits": {"login_timeout": "fast"}}))
+    with pytest.raises(ConfigError, match=r"^limits\.login_timeout: expected a number"):
+        load_config(path, {})

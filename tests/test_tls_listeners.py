@@ -127,7 +127,8 @@ def test_environment_overrides(tmp_path: Path) -> None:
     assert config.admin.listen.port == 9090 and config.limits.shutdown_grace == 5
     assert config.smtp.allow_plaintext is True
     assert load_config(path, {}).admin is None
-    with pytest.raises(ConfigError, match=r"imap\.lisen: unknown key"):
+    with pytest.raises(ConfigError, match=r"imap\.lisen \(from environment variable PROXY_IMAP_LISEN\): unknown key "
+                                          r"\(did you mean PROXY_IMAP_LISTEN\?\)"):
         load_config(path, {"PROXY_IMAP_LISEN": "127.0.0.1:1"})
 
 
