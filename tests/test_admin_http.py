@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import SMTP_PASSWORD, SMTP_USER
-from tests.harness import ROOT, ProxyProcess, authorize, free_port, proxy_env
+from tests.harness import ROOT, ProxyProcess, authorize, free_port, proxy_env, wait_port
 from tests.opsbed import PROXY, copy_config, http_get, json_lines, sample, scrape, wait_for
 
 OTHER_PASSWORD = "other local password"
@@ -37,6 +37,7 @@ def test_health_readiness_metrics_and_session_logs(smtp_authorized: Path, tmp_pa
     sink.reset()
     proxy = ProxyProcess(config_path, pki, log_level="INFO", args=("--log-format", "json"))
     try:
+        wait_port("127.0.0.1", admin_port, process=proxy.process)   # it opens after the IMAP listener
         status, body = http_get(admin_port, "/healthz")
         assert status == 200, body
         assert json.loads(body)["listeners"] == {"imap": True, "smtp": True}
