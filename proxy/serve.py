@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 
 from .config import Config
 from .imap.server import ImapProxy
@@ -17,6 +16,7 @@ from .smtp.server import SmtpProxy
 from .tokens.store import StoreError, TokenStore
 from .throttle import FailureThrottle
 from .service import Runtime, make_server_tls
+from .system import install_stop_handlers
 from .tls import client_context
 from .tokens import TokenBroker
 
@@ -43,14 +43,9 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None, stop: asy
     def on_stop_signal() -> None:
         (force if stop.is_set() else stop).set()
 
-    handlers = [(signal.SIGINT, on_stop_signal), (signal.SIGTERM, on_stop_signal)]
-    if hasattr(signal, "SIGHUP"):  # not on Windows: the config file watcher covers it there
-        handlers.append((signal.SIGHUP, runtime.request_reload))
-    for sig, handler in handlers:
-        try:
-            loop.add_signal_handler(sig, handler)
-        except (NotImplementedError, RuntimeError, ValueError):  # Windows: Ctrl+C raises instead
-            pass
+    # SIGINT/SIGTERM stop, SIGHUP reloads; on Windows Ctrl+C and Ctrl+Break stop (no SIGHUP there:
+    # the config file watcher covers reloads). proxy/system.py has both branches.
+    remove_handlers = install_stop_handlers(loop, on_stop_signal, runtime.request_reload)
     graceful = False
     try:
         await imap.start()
@@ -74,8 +69,4 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None, stop: asy
         graceful = True
     finally:
         await runtime.shutdown(runtime.config.limits.shutdown_grace if graceful else 0, force)
-        for sig, _ in handlers:
-            try:
-                loop.remove_signal_handler(sig)
-            except (NotImplementedError, RuntimeError, ValueError):
-                pass
+        remove_handlers()

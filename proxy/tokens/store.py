@@ -221,20 +221,21 @@ def _b64d(text: Any) -> bytes:
     return base64.b64decode(text.encode("ascii"), validate=True)
 
 
-def _replace(src: str, dst: Path) -> None:
-    # On Windows a reader (or a virus scanner) holding the target open makes replace fail briefly.
+def _replace(src: str, dst: Path, *, windows: bool = os.name == "nt", replace=os.replace, sleep=time.sleep) -> None:
+    # On Windows a reader (or a virus scanner) holding the target open makes replace fail briefly
+    # (about 2 s of retries in all); on POSIX a rename never waits for readers.
     for attempt in range(10):
         try:
-            os.replace(src, dst)
+            replace(src, dst)
             return
         except PermissionError:
-            if os.name != "nt" or attempt == 9:
+            if not windows or attempt == 9:
                 raise
-            time.sleep(0.05 * (attempt + 1))
+            sleep(0.05 * (attempt + 1))
 
 
-def _fsync_dir(directory: Path) -> None:
-    if os.name == "nt":
+def _fsync_dir(directory: Path, *, windows: bool = os.name == "nt") -> None:
+    if windows:  # Windows cannot open a folder for fsync; NTFS journals the rename itself
         return
     try:
         fd = os.open(directory, os.O_RDONLY)
