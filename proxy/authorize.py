@@ -20,6 +20,7 @@ import http.server
 import os
 import socket
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -27,7 +28,8 @@ import webbrowser
 from typing import TextIO
 
 from .config import AccountConfig, Config
-from .hints import hint_for
+from .hints import hint_for, network_problem, shorten
+from .system import current_user, make_private_dir
 from .tokens.errors import TokenError
 from .tokens.identity import (begin_browser_sign_in, begin_device_sign_in, cached_home_account_id,
                               describe_msal_error, fetch_app_only_token, finish_browser_sign_in,
@@ -145,9 +147,9 @@ def authorize_browser(config: Config, account: AccountConfig, password: str, *, 
     try:
         result = finish_browser_sign_in(app, flow, response)
     except ValueError as exc:
-        raise AuthorizeError(f"the sign-in response was not valid ({exc})") from None
+        raise AuthorizeError(f"the sign-in response was not valid ({shorten(str(exc), 200)})") from None
     except Exception as exc:
-        raise AuthorizeError(f"redeeming the authorization failed ({exc.__class__.__name__})") from None
+        raise _unreachable(config, exc) from None
     if "access_token" not in result:
         raise AuthorizeError(_refused(result))
     _note_signed_in(config, account, result, out)
@@ -202,8 +204,7 @@ def authorize_device(config: Config, account: AccountConfig, password: str, *, t
     try:
         flow = begin_device_sign_in(app, config.identity)
     except Exception as exc:  # network errors from requests, ValueError from msal
-        raise AuthorizeError(f"cannot start the device sign-in at {config.identity.authority} "
-                             f"({exc.__class__.__name__}); check the network and identity.authority") from None
+        raise _unreachable(config, exc) from None
     if flow is None:
         raise AuthorizeError("the device code flow needs a public client: identity.client_secret is set, so "
                              "use the browser sign-in, or remove client_secret and allow public client flows")
@@ -216,8 +217,12 @@ def authorize_device(config: Config, account: AccountConfig, password: str, *, t
     print(f"  2. enter  {flow['user_code']}", file=out)
     print(f"The code is valid for {(expires_at - time.time()) / 60:.0f} min; Ctrl+C cancels.", file=out, flush=True)
     ticker = _Ticker(deadline, out)
-    result = finish_device_sign_in(app, flow, ticker.expired)
-    ticker.finish()
+    try:
+        result = finish_device_sign_in(app, flow, ticker.expired)
+    except Exception as exc:  # the network went away while waiting
+        raise _unreachable(config, exc) from None
+    finally:
+        ticker.finish()
     if "access_token" not in result:
         error = result.get("error")
         if error in ("authorization_pending", "slow_down"):
@@ -253,9 +258,37 @@ def _msal_app(config: Config, cache):
     try:
         return make_msal_app(config.identity, cache)
     except Exception as exc:  # msal raises ValueError and requests errors during discovery
-        raise AuthorizeError(f"cannot reach the identity provider at {config.identity.authority} "
-                             f"({exc.__class__.__name__}: {str(exc)[:200]}). Check identity.authority, "
-                             f"identity.ca_file and the network") from None
+        raise _unreachable(config, exc) from None
+
+
+def _unreachable(config: Config, exc: BaseException) -> AuthorizeError:
+    """The identity provider could not be reached: the same words and advice as `proxy check`."""
+    identity = config.identity
+    problem, todo = network_problem(exc, where=identity.authority, proxy=getattr(identity, "http_proxy", None),
+                                    timeout=identity.timeout)
+    return AuthorizeError(f"cannot reach the identity provider at {identity.authority}: {problem}\n"
+                          f"  What to do: {todo}")
+
+
+def check_token_folder(config: Config) -> bool:
+    """Create the token folder if needed (private to this user) and prove a file can be written
+    and replaced there; raise AuthorizeError naming the folder and the user otherwise. Run before
+    the sign-in, so nobody completes a sign-in (and MFA) for tokens that cannot be stored.
+    Returns True if it created the folder."""
+    folder = config.token_path
+    created = False
+    try:
+        created = make_private_dir(folder)
+        fd, probe = tempfile.mkstemp(prefix=".tmp-probe-", dir=folder)
+        os.close(fd)
+        os.replace(probe, probe + "-renamed")
+        os.unlink(probe + "-renamed")
+        return created
+    except OSError as exc:
+        reason = exc.strerror or exc.__class__.__name__
+        raise AuthorizeError(f"the token folder {folder} cannot be written by user {current_user()} ({reason}): "
+                             "run this command as the user the proxy runs as, fix the folder's permissions, or "
+                             "choose another folder with tokens.path") from None
 
 
 class _Ticker:
@@ -295,8 +328,12 @@ def save_tokens(config: Config, account: AccountConfig, password: str, cache,
     if info.get("preferred_username"):
         meta["signed_in_as"] = info["preferred_username"]
     store = TokenStore(config.token_path)
-    store.write(account.username, derive_key(password),
-                token_payload(cache, home, result["access_token"], expires_at), meta)
+    try:
+        store.write(account.username, derive_key(password),
+                    token_payload(cache, home, result["access_token"], expires_at), meta)
+    except OSError as exc:
+        raise AuthorizeError(f"the tokens could not be stored in {config.token_path} as user {current_user()} "
+                             f"({exc.strerror or exc.__class__.__name__}); nothing was stored") from None
     return meta
 
 

@@ -29,7 +29,7 @@ from typing import Awaitable, Callable, TextIO
 import requests
 
 from .config import FLOW_CLIENT_CREDENTIALS, AccountConfig, Config
-from .hints import hint_for, imap_refused_hint, smtp_refused_hint
+from .hints import hint_for, imap_refused_hint, network_problem, smtp_refused_hint
 from .imap import upstream as imap_upstream
 from .login import TokenRejected, UpstreamError
 from .logs import register_secret
@@ -135,15 +135,8 @@ def _discover(config: Config, url: str) -> tuple[str | None, str | None]:
     session = http_session(identity)
     try:
         response = session.get(url)
-    except requests.exceptions.SSLError:
-        return ("its TLS certificate is not trusted", "if a company proxy inspects TLS, put its CA into "
-                "identity.ca_file; otherwise check the computer's clock and identity.authority")
-    except requests.exceptions.Timeout:
-        return (f"no answer within {identity.timeout:.0f} s", "check the network, firewall and proxy settings; "
-                "identity.timeout allows more time")
-    except requests.RequestException as exc:
-        return (f"cannot connect ({exc.__class__.__name__})", "check identity.authority, DNS, the firewall "
-                "(HTTPS to login.microsoftonline.com must be allowed) and the network")
+    except (requests.RequestException, OSError) as exc:  # the same advice as `proxy authorize`
+        return network_problem(exc, where=url, proxy=getattr(identity, "http_proxy", None), timeout=identity.timeout)
     finally:
         session.close()
     try:

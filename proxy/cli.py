@@ -11,19 +11,22 @@ import sys
 
 from . import __version__
 from .config import Config, ConfigError, load_config
+from .system import current_user, default_config_path, safe_console
 
 log = logging.getLogger("proxy")
 
 DESCRIPTION = """\
-Local IMAP proxy for mail clients that only know user name + password, in front of mail
-servers that only accept OAuth2 (Microsoft 365). The client logs in to the proxy with a
-local password; the proxy logs in upstream with XOAUTH2 and then passes every byte through.
+Local IMAP and SMTP proxy for mail clients that only know user name + password, in front of
+mail servers that only accept OAuth2 (Microsoft 365). The client logs in to the proxy with a
+local password (IMAP on 127.0.0.1:1143, SMTP on 127.0.0.1:1587); the proxy logs in upstream
+with XOAUTH2 and then passes every byte through.
 
 First time:
-  cp config.example.yaml config.yaml        # fill in identity.client_id and the accounts
+  proxy init config.yaml                    # the commented example; fill in client_id and the accounts
   proxy -c config.yaml authorize alice@firm.de
   proxy -c config.yaml serve
-then point the mail client at 127.0.0.1:1143 (no TLS), user alice@firm.de, the local password.
+then point the mail client at IMAP 127.0.0.1:1143 and SMTP 127.0.0.1:1587 (no TLS), user
+alice@firm.de, the local password. -c works before or after the command.
 
 Looking after it:
   proxy status                 token state of every account (no password needed)
@@ -37,22 +40,69 @@ _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _LOG_FORMATS = ("text", "json")
 
 
+def _global_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
+    """-c, --log-level and --log-format, accepted before the command and after it (where they are
+    SUPPRESSed, so a value given before the command is not reset to the default)."""
+    def default(value: str) -> str:
+        return value if defaults else argparse.SUPPRESS
+    parser.add_argument("-c", "--config",
+                        default=default(os.environ.get("PROXY_CONFIG") or default_config_path()),
+                        help=f"YAML config file (default: $PROXY_CONFIG or {default_config_path()})")
+    parser.add_argument("--log-level", default=default(os.environ.get("PROXY_LOG_LEVEL", "INFO").upper()),
+                        choices=_LOG_LEVELS, type=str.upper,
+                        help="log verbosity (default: $PROXY_LOG_LEVEL or INFO); secrets are never logged")
+    parser.add_argument("--log-format", default=default(os.environ.get("PROXY_LOG_FORMAT", "text").lower()),
+                        choices=_LOG_FORMATS,
+                        help="log line format (default: $PROXY_LOG_FORMAT or text; json suits containers)")
+
+
+def _number(kind, minimum: float, maximum: float, what: str):
+    """An argparse type: a number in [minimum, maximum] (argparse turns the error into usage + exit 2)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not minimum <= value <= maximum:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    return parse
+
+
+_seconds = _number(float, 0.1, 86400, "seconds from 0.1 to 86400")
+_port = _number(int, 0, 65535, "a port from 0 to 65535 (0: any free port)")
+_days = _number(int, 1, 36500, "a number of days from 1 to 36500")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="proxy", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-c", "--config", default=os.environ.get("PROXY_CONFIG", "config.yaml"),
-                        help="YAML config file (default: $PROXY_CONFIG or ./config.yaml)")
-    parser.add_argument("--log-level", default=os.environ.get("PROXY_LOG_LEVEL", "INFO").upper(),
-                        choices=_LOG_LEVELS, type=str.upper,
-                        help="log verbosity (default: $PROXY_LOG_LEVEL or INFO); secrets are never logged")
-    parser.add_argument("--log-format", default=os.environ.get("PROXY_LOG_FORMAT", "text").lower(),
-                        choices=_LOG_FORMATS,
-                        help="log line format (default: $PROXY_LOG_FORMAT or text; json suits containers)")
+    _global_options(parser, defaults=True)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    _global_options(common, defaults=False)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_parser = commands.add_parser
 
-    serve = commands.add_parser("serve", help="run the proxy (IMAP on 127.0.0.1:1143 by default)",
-                                description="Run the proxy until interrupted (Ctrl+C or SIGTERM).")
+    def add_command(name: str, **kwargs):
+        return add_parser(name, parents=[common], **kwargs)
+    commands.add_parser = add_command  # every command takes -c etc. after its name too
+
+    init = commands.add_parser(
+        "init", help="write the commented example config (then fill in client_id and the accounts)",
+        description="Write the commented example config (the same text as config.example.yaml) to PATH "
+                    f"(default: -c, $PROXY_CONFIG or {default_config_path()}), creating its folder, and print "
+                    "the next steps. Never overwrites an existing file.")
+    init.add_argument("path", nargs="?", help="where to write it (default: the -c path)")
+    init.set_defaults(func=cmd_init, needs_config=False)
+
+    serve = commands.add_parser(
+        "serve", help="run the proxy (IMAP on 127.0.0.1:1143, SMTP on 127.0.0.1:1587 by default)",
+        description="Run the proxy until interrupted (Ctrl+C, or SIGTERM; a second one ends open sessions at "
+                    "once). SIGHUP, or saving the config file, reloads the config.")
+    serve.add_argument("--log-file", metavar="PATH",
+                       help="append the log to PATH (UTF-8) instead of the console: for a Windows task or "
+                            "service, which has no console")
     serve.set_defaults(func=cmd_serve)
 
     auth = commands.add_parser(
@@ -67,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "authorization or to change the password.")
     auth.add_argument("user", help="account user name as listed in the config (accounts[].username), "
                                    "or a token owner named by accounts[].token")
-    auth.add_argument("--timeout", type=float, default=None,
+    auth.add_argument("--timeout", type=_seconds, default=None,
                       help="seconds to wait for the sign-in to finish (default 30 for the browser; for "
                            "--device the code's own lifetime, 15 min at Microsoft)")
     auth.add_argument("--device", action="store_true",
@@ -79,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="browser sign-in, but print the address instead of opening a browser")
     auth.add_argument("--password-stdin", action="store_true",
                       help="read the local password from the first line of standard input")
-    auth.add_argument("--port", type=int, default=0,
+    auth.add_argument("--port", type=_port, default=0,
                       help="localhost port for the sign-in redirect (default: any free port)")
     auth.set_defaults(func=cmd_authorize)
 
@@ -126,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     certs.add_argument("--dir", help="folder for the files (default: certs/ beside the config file)")
     certs.add_argument("--name", action="append", default=[], metavar="NAME",
                        help="another host name or IP address clients use to reach the proxy (repeatable)")
-    certs.add_argument("--days", type=int, default=825, help="server certificate validity (default 825 days)")
+    certs.add_argument("--days", type=_days, default=825, help="server certificate validity (default 825 days)")
     certs.add_argument("--force", action="store_true", help="replace existing files")
     certs.set_defaults(func=cmd_certs, needs_config=False)
 
@@ -136,12 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "(admin.listen in the config) and print the answer. Exit status 0 if healthy (ready), "
                     "1 otherwise. Used as the container's HEALTHCHECK.")
     health.add_argument("--ready", action="store_true", help="ask /readyz: every account has a usable token")
-    health.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer (default 5)")
+    health.add_argument("--timeout", type=_seconds, default=5.0, help="seconds to wait for the answer (default 5)")
     health.set_defaults(func=cmd_health)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    safe_console(sys.stdout, sys.stderr)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.log_level not in _LOG_LEVELS:  # a bad $PROXY_LOG_LEVEL (argparse checks only what is typed)
@@ -151,15 +202,21 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"invalid log format {args.log_format!r} (from $PROXY_LOG_FORMAT?): "
                      f"choose from {', '.join(_LOG_FORMATS)}")
     from .logs import setup_logging
-    setup_logging(args.log_level, args.log_format)
-    if not getattr(args, "needs_config", True):
-        return args.func(None, args)
     try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(f"proxy: configuration error: {exc}", file=sys.stderr)
+        setup_logging(args.log_level, args.log_format, log_file=getattr(args, "log_file", None))
+    except OSError as exc:
+        print(f"proxy: cannot write the log file {args.log_file}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     try:
+        if not getattr(args, "needs_config", True):
+            return args.func(None, args)
+        try:
+            config = load_config(args.config)
+        except ConfigError as exc:
+            print(f"proxy: configuration error: {exc}", file=sys.stderr)
+            if not os.path.exists(args.config):
+                print(f"(create one with `proxy init {args.config}`)", file=sys.stderr)
+            return 2
         return args.func(config, args)
     except KeyboardInterrupt:
         print("\nproxy: interrupted", file=sys.stderr)
@@ -174,13 +231,39 @@ def _account(config: Config, user: str):
     return account
 
 
+class UsageError(SystemExit):
+    """A problem with how the command was called: the message, then exit status 2."""
+
+    def __init__(self, message: str):
+        print(message, file=sys.stderr)
+        super().__init__(2)
+
+
+def require_terminal(what: str) -> None:
+    """Refuse to prompt when standard input is not a terminal (a pipe, a service, a script):
+    getpass would read the pipe or fail with a traceback."""
+    stdin = sys.stdin
+    if stdin is None or not stdin.isatty():
+        raise UsageError(f"proxy: standard input is not a terminal, so {what} cannot be typed here. Pass it on "
+                         "standard input with --password-stdin (one line), or run the command in a console "
+                         "window (on Windows not Git Bash's mintty; `winpty` helps there)")
+
+
 def read_new_password(user: str, from_stdin: bool) -> str:
     if from_stdin:
-        password = sys.stdin.readline().rstrip("\r\n")
+        line = sys.stdin.readline() if sys.stdin is not None else ""
+        if not line:
+            raise UsageError("proxy: --password-stdin: standard input is empty (expected the password on one line)")
+        password = line.rstrip("\r\n")
     else:
+        require_terminal("the local password")
         print(f"Choose the local password the mail client will use for {user}.", file=sys.stderr)
-        password = getpass.getpass("Local password: ")
-        if getpass.getpass("Repeat it: ") != password:
+        try:
+            password = getpass.getpass("Local password: ")
+            repeated = getpass.getpass("Repeat it: ")
+        except EOFError:
+            raise SystemExit("\nproxy: no password entered; nothing was changed") from None
+        if repeated != password:
             raise SystemExit("proxy: the two passwords differ; nothing was changed")
     if len(password) < 8:
         raise SystemExit("proxy: the local password must have at least 8 characters; nothing was changed")
@@ -204,8 +287,7 @@ def _owner(config: Config, user: str):
 
 
 def cmd_authorize(config: Config, args: argparse.Namespace) -> int:
-    from .authorize import (AuthorizeError, authorize_app_only, authorize_browser, authorize_device,
-                            browser_unavailable)
+    from .authorize import AuthorizeError, browser_unavailable, check_token_folder
     from .config import FLOW_CLIENT_CREDENTIALS
     owner = _owner(config, args.user)
     users = ", ".join(a.username for a in config.sharing(owner.username))
@@ -221,7 +303,39 @@ def cmd_authorize(config: Config, args: argparse.Namespace) -> int:
         if reason:
             print(f"Using the device code flow: {reason}. (--browser forces the browser sign-in.)", file=sys.stderr)
             device = True
-    password = read_new_password(users, args.password_stdin)
+    # Everything that can be refused is refused before the sign-in (nobody should do MFA for nothing):
+    # the password's source, the token folder, then the password itself.
+    password = read_new_password(users, True) if args.password_stdin else None
+    if password is None:
+        require_terminal("the local password")
+    try:
+        created = check_token_folder(config)
+    except AuthorizeError as exc:
+        print(f"proxy: {exc}; nothing was signed in", file=sys.stderr)
+        return 1
+    try:
+        meta = _sign_in(config, args, owner, users, app_only, device, password)
+    finally:
+        if created:  # a folder made for tokens that never came goes again (rmdir: only if empty)
+            try:
+                config.token_path.rmdir()
+            except OSError:
+                pass
+    if meta is None:
+        return 1
+    print(f"Authorized {owner.username}; tokens stored encrypted in {config.token_path}.", file=sys.stderr)
+    print(f"Next: `proxy -c {config.source or 'config.yaml'} serve`, then log in from the mail client "
+          f"(IMAP {config.imap.listen}, SMTP {config.smtp.listen}) as {users.replace(', ', ' or ')} with the "
+          "password you just chose.", file=sys.stderr)
+    return 0 if meta else 1
+
+
+def _sign_in(config: Config, args: argparse.Namespace, owner, users: str, app_only: bool, device: bool,
+             password: str | None) -> dict | None:
+    """The sign-in itself (after every check that can refuse); None if it failed (already said)."""
+    from .authorize import AuthorizeError, authorize_app_only, authorize_browser, authorize_device
+    if password is None:
+        password = read_new_password(users, False)
     try:
         if app_only:
             meta = authorize_app_only(config, owner, password)
@@ -232,15 +346,11 @@ def cmd_authorize(config: Config, args: argparse.Namespace) -> int:
                                      open_browser=not args.no_browser, port=args.port)
     except AuthorizeError as exc:
         print(f"proxy: authorization failed: {exc}", file=sys.stderr)
-        return 1
+        return None
     except KeyboardInterrupt:
         print("\nproxy: sign-in cancelled; nothing was stored", file=sys.stderr)
-        return 130
-    print(f"Authorized {owner.username}; tokens stored encrypted in {config.token_path}.", file=sys.stderr)
-    print(f"Next: `proxy -c {config.source or 'config.yaml'} serve`, then log in from the mail client "
-          f"at {config.imap.listen} as {users.replace(', ', ' or ')} with the password you just chose.",
-          file=sys.stderr)
-    return 0 if meta else 1
+        raise SystemExit(130) from None
+    return meta
 
 
 def cmd_status(config: Config, args: argparse.Namespace) -> int:
@@ -263,6 +373,46 @@ def cmd_check(config: Config, args: argparse.Namespace) -> int:
 def cmd_forget(config: Config, args: argparse.Namespace) -> int:
     from .admin import forget
     return forget(config, args.user, revoke=args.revoke)
+
+
+def cmd_init(config: None, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .config import example_config_text
+    path = Path(args.path or args.config).expanduser()
+    if path.is_dir():
+        path = path / "config.yaml"
+    try:
+        if not path.parent.is_dir():
+            path.parent.mkdir(parents=True)
+        # O_EXCL: never overwrite, even if the file appears between a check and the write.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
+    except FileExistsError:
+        if path.parent.is_dir():
+            print(f"proxy: {path} already exists; nothing was written (edit it, or give another path)",
+                  file=sys.stderr)
+            return 1
+        print(f"proxy: cannot create {path}: {path.parent} is not a folder", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"proxy: cannot create {path} as user {current_user()}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+        handle.write(example_config_text())
+    shown = path.resolve()  # Microsoft Store Python writes %LOCALAPPDATA% elsewhere: show where it really is
+    config_arg = f'"{shown}"' if " " in str(shown) else str(shown)
+    print(INIT_DONE.format(path=shown, c=config_arg), file=sys.stderr)
+    return 0
+
+
+INIT_DONE = """Wrote the example config to {path} (readable by you only).
+Next:
+  1. Fill in identity.client_id (and identity.authority with your tenant) from the Azure app
+     registration (docs/azure-setup.md), and list the mailboxes under accounts.
+  2. proxy -c {c} check                  # the config and the identity provider, no password needed
+  3. proxy -c {c} authorize alice@firm.de   # once per account: sign in, choose the local password
+  4. proxy -c {c} serve                  # then IMAP 127.0.0.1:1143, SMTP 127.0.0.1:1587 in the mail client
+Always on: contrib/oauth2-mail-proxy.service (Linux, systemd) or docs/windows.md (Windows)."""
 
 
 def cmd_serve(config: Config, args: argparse.Namespace) -> int:

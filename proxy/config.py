@@ -223,6 +223,13 @@ class Config:
         return users[0].token_owner if users else None
 
 
+def example_config_text() -> str:
+    """The commented example config shipped in the package (``proxy init`` writes it; the
+    repository's top-level config.example.yaml is a copy that a test keeps identical)."""
+    from importlib import resources
+    return resources.files(__package__).joinpath("config.example.yaml").read_text(encoding="utf-8")
+
+
 def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
     """Read and validate the YAML file at ``path``, with ``PROXY_<SECTION>_<KEY>`` overrides from
     ``environ`` (default: the process environment; pass ``{}`` for none)."""
@@ -231,6 +238,8 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> C
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the config file ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file in UTF-8 (save it as UTF-8 text)") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -106,3 +106,79 @@ def smtp_refused_hint(reply: str, mailbox: str, owner: str, app_only: bool) -> s
         steps.append(f"{owner} needs Send As or Full Access on {mailbox}.")
     steps.append(f"The token must carry SMTP.Send (API permissions + identity.scopes, then `proxy authorize {owner}`).")
     return " ".join(steps)
+
+
+# ------------------------------------------------------------------------------ network and TLS
+# One table for `proxy check` and `proxy authorize` (and the token refresh's log line): what a
+# failure to reach the identity provider means and what to do. Kept apart from the Microsoft
+# error tables above.
+_PROXY_STATUS = re.compile(r"Tunnel connection failed: (\d{3}) ?([^'\")\r\n]*)")
+
+
+def network_problem(exc: BaseException, *, where: str, proxy: object = None,
+                    timeout: float | None = None) -> tuple[str, str]:
+    """``(problem, what to do)`` for an exception raised while talking HTTPS to ``where`` (a host
+    or URL), possibly through the web proxy ``proxy`` (a :class:`proxy.webproxy.WebProxy`).
+    Never contains a secret: exception texts are reduced to their kind or a known status."""
+    import requests  # here, so the hint tables above stay importable without it
+
+    if isinstance(exc, requests.exceptions.ProxyError) or (proxy is not None and _PROXY_STATUS.search(str(exc))):
+        found = _PROXY_STATUS.search(str(exc))
+        if found and proxy is not None:
+            return proxy_refusal(proxy, int(found.group(1)), found.group(2), where), PROXY_TODO
+        return (f"cannot reach the web proxy {proxy or ''}".rstrip(),
+                "check identity.http_proxy or HTTPS_PROXY (host and port) and that the web proxy runs")
+    if isinstance(exc, requests.exceptions.SSLError):
+        return ("its TLS certificate is not trusted",
+                "if a company web proxy inspects TLS, put its CA into identity.ca_file; otherwise check the "
+                "computer's clock and identity.authority")
+    if isinstance(exc, requests.exceptions.Timeout):
+        return ((f"no answer within {timeout:.0f} s" if timeout else "no answer in time"),
+                "check the network and the firewall; where HTTPS must go through a web proxy, set "
+                "identity.http_proxy or HTTPS_PROXY; identity.timeout allows more time")
+    if isinstance(exc, (requests.exceptions.ConnectionError, OSError)):
+        text = str(exc)
+        if any(s in text for s in ("NameResolutionError", "Name or service not known", "getaddrinfo failed",
+                                   "Temporary failure in name resolution", "nodename nor servname")):
+            return ("cannot connect: the host name cannot be resolved (DNS)",
+                    "check identity.authority and DNS; where only a web proxy can resolve outside names, set "
+                    "identity.http_proxy or HTTPS_PROXY")
+        if "Connection refused" in text or "ConnectionRefused" in text or "actively refused" in text:
+            return ("cannot connect (connection refused)",
+                    "check identity.authority; HTTPS (port 443) to the identity provider must be allowed, or go "
+                    "through the web proxy (identity.http_proxy or HTTPS_PROXY)")
+        return ("cannot connect", "check identity.authority, DNS, the firewall (HTTPS to login.microsoftonline.com "
+                "must be allowed) and the web proxy settings (identity.http_proxy or HTTPS_PROXY)")
+    if isinstance(exc, ValueError):
+        return (f"it does not answer like an identity provider ({shorten(str(exc), 120)})",
+                "check identity.authority: https://login.microsoftonline.com/<tenant-id or organizations>")
+    return (f"unexpected error ({exc.__class__.__name__})", "try again; if it persists, run `proxy check`")
+
+
+PROXY_TODO = "fix the web proxy setting (identity.http_proxy or HTTPS_PROXY) or ask IT to let this traffic through"
+
+
+def proxy_refusal(proxy: object, status: int, reason: str, target: str) -> str:
+    """What a web proxy's refusal to tunnel to ``target`` means (shared by the identity provider's
+    HTTPS and the IMAP/SMTP tunnels). ``str(proxy)`` is host:port, never the credentials."""
+    answer = f"{status} {reason}".strip()
+    source = getattr(proxy, "source", "the proxy setting")
+    if status == 407:
+        if getattr(proxy, "username", None) is not None:
+            return (f"the web proxy {proxy} refused the user name and password in {source} ({answer}); "
+                    "check them (only Basic authentication is supported)")
+        return (f"the web proxy {proxy} needs a user name and password ({answer}): put them into the proxy URL "
+                f"in {source}, http://USER:PASSWORD@{proxy} (only Basic authentication is supported; for a "
+                "proxy that only speaks NTLM or Kerberos, ask IT to let this computer through)")
+    if status == 403:
+        return (f"the web proxy {proxy} does not allow a tunnel to {target} ({answer}): ask IT to allow "
+                f"CONNECT to {target}")
+    if status in (500, 502, 503, 504):
+        return f"the web proxy {proxy} could not reach {target} ({answer})"
+    return f"the web proxy {proxy} answered {answer} to CONNECT {target}"
+
+
+def shorten(text: str, width: int) -> str:
+    """``text`` on one line, at most ``width`` characters, cut between words (never mid-word)."""
+    import textwrap
+    return textwrap.shorten(" ".join(str(text).split()), width=width, placeholder=" ...") or str(text)[:width]

@@ -81,9 +81,15 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False, default=str)
 
 
-def setup_logging(level: str = "INFO", fmt: str = "text", stream=None) -> None:
-    """Configure the root logger once for the CLI."""
-    handler = logging.StreamHandler(stream or sys.stderr)
+def setup_logging(level: str = "INFO", fmt: str = "text", stream=None, log_file: str | None = None) -> None:
+    """Configure the root logger once for the CLI: to ``stream`` (standard error), or appended to
+    ``log_file`` in UTF-8 (for a Windows task or service, which has no console; a few lines per
+    session, so it grows slowly and is not rotated: nothing is lost while a reader holds it open).
+    Raises OSError if the file cannot be opened."""
+    if log_file:
+        handler: logging.Handler = logging.FileHandler(log_file, encoding="utf-8")
+    else:
+        handler = logging.StreamHandler(stream or sys.stderr)
     handler.addFilter(RedactingFilter())
     if fmt == "json":
         handler.setFormatter(JsonFormatter())

@@ -90,7 +90,7 @@ def test_device_code_flow_stores_tokens_that_the_proxy_uses(tmp_path, idp_reset,
     assert sign_in.url == f"{idp_reset.url}/devicelogin"
     assert "Sign in as " + dana in "".join(sign_in.lines)
     time.sleep(1.5)                                         # msal polls: authorization_pending meanwhile
-    assert not (tmp_path / "tokens").exists()
+    assert not (tmp_path / "tokens" / f"{dana}.tokens").exists()   # (the folder was checked before the sign-in)
     idp_reset.approve_device(sign_in.code, dana)
     status, text = sign_in.finish()
     assert status == 0, text
