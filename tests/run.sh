@@ -8,6 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(dovecot-imapd dovecot-submissiond dovecot-auth-lua swaks curl ca-certificates
+              systemd  # systemd-analyze verify for contrib/oauth2-mail-proxy.service (issue 13)
+              tinyproxy  # a real web proxy (HTTP CONNECT) for the identity provider and the upstreams (issue 13)
               chromium chromium-driver  # a real headless browser for the sign-in test (issue 4)
               debootstrap buildah podman)  # build and run the container image (tests/test_container.py)
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
