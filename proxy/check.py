@@ -271,9 +271,10 @@ async def _check_imap(config: Config, report: Report, account: AccountConfig | N
     address = config.imap.upstream
     what = f"IMAP {address}"
     try:
-        conn = await asyncio.wait_for(imap_upstream.connect(address, client_context(config.imap.ca_file)), timeout)
+        conn = await asyncio.wait_for(imap_upstream.connect(address, client_context(config.imap.ca_file),
+                                                            via=config.imap.upstream_proxy), timeout)
     except (UpstreamError, asyncio.TimeoutError) as exc:
-        report.fail(what, str(exc) or "no greeting in time", _reach_hint(address, "imap"))
+        report.fail(what, str(exc) or "no greeting in time", _reach_hint(address, "imap", config.imap))
         return
     try:
         if "AUTH=XOAUTH2" not in {c.upper() for c in conn.capabilities}:
@@ -296,10 +297,11 @@ async def _check_smtp(config: Config, report: Report, account: AccountConfig | N
     what = f"SMTP {address}"
     try:
         conn = await asyncio.wait_for(smtp_upstream.connect(address, config.smtp.upstream_tls,
-                                                            client_context(config.smtp.ca_file), local_hostname()),
+                                                            client_context(config.smtp.ca_file), local_hostname(),
+                                                            via=config.smtp.upstream_proxy),
                                       timeout)
     except (UpstreamError, asyncio.TimeoutError) as exc:
-        report.fail(what, str(exc) or "no greeting in time", _reach_hint(address, "smtp"))
+        report.fail(what, str(exc) or "no greeting in time", _reach_hint(address, "smtp", config.smtp))
         return
     try:
         if "XOAUTH2" not in conn.extensions.get("AUTH", "").upper().split():
@@ -342,7 +344,12 @@ async def _probe_login(report: Report, protocol: str, account: AccountConfig, to
     return True
 
 
-def _reach_hint(address, protocol: str) -> str:
+def _reach_hint(address, protocol: str, listener=None) -> str:
     default = "outlook.office365.com:993" if protocol == "imap" else "smtp.office365.com:587"
+    if listener is not None and listener.upstream_proxy is not None:
+        return (f"check {protocol}.upstream ({default} for Microsoft 365) and that the web proxy "
+                f"{listener.upstream_proxy} lets CONNECT to port {address.port} through; or set "
+                f"{protocol}.via_http_proxy: false where that port is open directly")
     return (f"check {protocol}.upstream ({default} for Microsoft 365), DNS and the firewall (outgoing port "
-            f"{address.port} must be open); with a TLS-inspecting proxy set {protocol}.ca_file")
+            f"{address.port} must be open; where only a web proxy lets traffic out, set {protocol}.via_http_proxy: "
+            f"true); with a TLS-inspecting proxy set {protocol}.ca_file")

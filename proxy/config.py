@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from .webproxy import ProxyUrlError, WebProxy, proxy_from
+
 DEFAULT_SCOPES = (
     "https://outlook.office.com/IMAP.AccessAsUser.All",
     "https://outlook.office.com/SMTP.Send",
@@ -78,6 +80,7 @@ class IdentityConfig:
     scopes: tuple[str, ...] = DEFAULT_SCOPES
     timeout: float = 10.0
     app_only: AppOnlyConfig | None = None
+    http_proxy: WebProxy | None = None  # identity.http_proxy, else HTTPS_PROXY (proxy/webproxy.py)
 
     @property
     def msal_scopes(self) -> list[str]:
@@ -96,6 +99,8 @@ class ListenerConfig:
     upstream_tls: str = "implicit"  # "implicit" (IMAPS 993, SMTPS 465) or "starttls" (SMTP 587)
     starttls: str = STARTTLS_OFF    # on the plain listener: off, on (offered) or required (before login)
     tls_listen: Address | None = None  # a second listener with implicit TLS (IMAPS, SMTPS)
+    via_http_proxy: bool = False       # reach the upstream through the web proxy (HTTP CONNECT)
+    upstream_proxy: WebProxy | None = None  # that proxy, unless NO_PROXY names the upstream host
 
     @property
     def uses_tls(self) -> bool:
@@ -246,19 +251,22 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> C
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if environ is None:
         environ = os.environ
-    return parse_config(apply_env_overrides(data, environ), base_dir=path.resolve().parent, source=path)
+    return parse_config(apply_env_overrides(data, environ), base_dir=path.resolve().parent, source=path,
+                        environ=environ)
 
 
-def parse_config(data: Any, *, base_dir: Path, source: Path | None = None) -> Config:
+def parse_config(data: Any, *, base_dir: Path, source: Path | None = None,
+                 environ: Mapping[str, str] | None = None) -> Config:
     """Validate an already-parsed YAML document (as :func:`apply_env_overrides` returns it: an
-    error about a value set by a ``PROXY_*`` variable names the variable)."""
+    error about a value set by a ``PROXY_*`` variable names the variable). ``environ`` supplies
+    ``HTTPS_PROXY``/``NO_PROXY`` (default: none)."""
     try:
-        return _parse_config(data, base_dir=base_dir, source=source)
+        return _parse_config(data, base_dir=base_dir, source=source, environ=environ or {})
     except ConfigError as exc:
         raise ConfigError(_name_env_origin(str(exc), getattr(data, "env_origins", {}))) from None
 
 
-def _parse_config(data: Any, *, base_dir: Path, source: Path | None = None) -> Config:
+def _parse_config(data: Any, *, base_dir: Path, source: Path | None, environ: Mapping[str, str]) -> Config:
     root = _Section(data, "", base_dir)
     identity = root.section("identity", required=True)
     identity_cfg = IdentityConfig(
@@ -269,13 +277,15 @@ def _parse_config(data: Any, *, base_dir: Path, source: Path | None = None) -> C
         scopes=tuple(identity.string_list("scopes") or DEFAULT_SCOPES),
         timeout=identity.number("timeout", 10.0, minimum=1, maximum=60),
         app_only=_app_only(identity.section("app_only"), identity),
+        http_proxy=_web_proxy(identity, environ),
     )
     identity.done()
     _check_client_id("identity.client_id", identity_cfg.client_id, identity_cfg.authority)
 
-    imap_cfg = _listener(root.section("imap"), "127.0.0.1:1143", "outlook.office365.com:993", ("implicit",))
+    imap_cfg = _listener(root.section("imap"), "127.0.0.1:1143", "outlook.office365.com:993", ("implicit",),
+                         web_proxy=identity_cfg.http_proxy)
     smtp_cfg = _listener(root.section("smtp"), "127.0.0.1:1587", "smtp.office365.com:587",
-                         ("starttls", "implicit"))
+                         ("starttls", "implicit"), web_proxy=identity_cfg.http_proxy)
     if imap_cfg.listen == smtp_cfg.listen:
         raise ConfigError(f"smtp.listen: {smtp_cfg.listen} is already imap.listen")
     tls_cfg = _tls_section(root.section("tls"), {"imap": imap_cfg, "smtp": smtp_cfg})
@@ -457,9 +467,30 @@ def _pem_block(text: str, label: str, key: str) -> str:
     return found.group(0)
 
 
-def _listener(section: "_Section", listen: str, upstream: str, tls_modes: tuple[str, ...]) -> ListenerConfig:
+def _web_proxy(identity: "_Section", environ: Mapping[str, str]) -> WebProxy | None:
+    """``identity.http_proxy`` (a URL, or false: none even if the environment names one), else
+    ``HTTPS_PROXY``/``NO_PROXY`` from the environment (see proxy/webproxy.py)."""
+    value = identity._get("http_proxy", False)
+    if value is not None and value is not False and not isinstance(value, str):
+        raise ConfigError(f"identity.http_proxy: expected http://host:port or false, got {_kind(value)}")
+    try:
+        return proxy_from(value, environ)
+    except ProxyUrlError as exc:
+        text = str(exc)
+        if text.startswith("environment variable "):
+            variable, _, rest = text[len("environment variable "):].partition(": ")
+            raise ConfigError(f"identity.http_proxy (from environment variable {variable}): {rest}") from None
+        raise ConfigError(f"identity.http_proxy: {text}") from None
+
+
+def _listener(section: "_Section", listen: str, upstream: str, tls_modes: tuple[str, ...], *,
+              web_proxy: WebProxy | None = None) -> ListenerConfig:
     name = section.prefix
     upstream_address = section.address("upstream", upstream)
+    via_http_proxy = section.boolean("via_http_proxy", False)
+    if via_http_proxy and web_proxy is None:
+        raise ConfigError(f"{name}.via_http_proxy: true, but no web proxy is set: give identity.http_proxy "
+                          "(http://host:port) or HTTPS_PROXY in the environment")
     default_tls = "implicit" if upstream_address.port in (465, 993) or len(tls_modes) == 1 else "starttls"
     config = ListenerConfig(
         listen=section.address("listen", listen),
@@ -469,6 +500,8 @@ def _listener(section: "_Section", listen: str, upstream: str, tls_modes: tuple[
         upstream_tls=section.choice("upstream_tls", default_tls, tls_modes),
         starttls=_starttls_mode(section),
         tls_listen=section.address("tls_listen", "") if section.data.get("tls_listen") is not None else None,
+        via_http_proxy=via_http_proxy,
+        upstream_proxy=web_proxy if via_http_proxy and not web_proxy.bypass(upstream_address.host) else None,
     )
     if config.plaintext_exposed and not config.allow_plaintext:
         raise ConfigError(

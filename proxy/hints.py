@@ -8,6 +8,7 @@ reply such as ``535 5.7.139``, an IMAP ``NO``) to one sentence an admin can act 
 from __future__ import annotations
 
 import re
+import urllib.parse
 
 # AADSTS code -> what to do (Microsoft's wording of the code is in the error text itself).
 AADSTS_HINTS: dict[int, str] = {
@@ -125,7 +126,9 @@ def network_problem(exc: BaseException, *, where: str, proxy: object = None,
     if isinstance(exc, requests.exceptions.ProxyError) or (proxy is not None and _PROXY_STATUS.search(str(exc))):
         found = _PROXY_STATUS.search(str(exc))
         if found and proxy is not None:
-            return proxy_refusal(proxy, int(found.group(1)), found.group(2), where), PROXY_TODO
+            url = urllib.parse.urlsplit(where if "://" in where else f"https://{where}")
+            target = f"{url.hostname}:{url.port or 443}"
+            return proxy_refusal(proxy, int(found.group(1)), found.group(2), target), PROXY_TODO
         return (f"cannot reach the web proxy {proxy or ''}".rstrip(),
                 "check identity.http_proxy or HTTPS_PROXY (host and port) and that the web proxy runs")
     if isinstance(exc, requests.exceptions.SSLError):
@@ -163,7 +166,7 @@ def proxy_refusal(proxy: object, status: int, reason: str, target: str) -> str:
     HTTPS and the IMAP/SMTP tunnels). ``str(proxy)`` is host:port, never the credentials."""
     answer = f"{status} {reason}".strip()
     source = getattr(proxy, "source", "the proxy setting")
-    if status == 407:
+    if status in (401, 407):  # 407 is the rule; some proxies (tinyproxy) answer wrong credentials with 401
         if getattr(proxy, "username", None) is not None:
             return (f"the web proxy {proxy} refused the user name and password in {source} ({answer}); "
                     "check them (only Basic authentication is supported)")

@@ -20,6 +20,7 @@ import threading
 from typing import Any
 
 from .relay import Endpoint
+from .webproxy import WebProxy, open_connection
 
 # Reads go into per-thread scratch buffers, not per-connection ones: a read is consumed before
 # the event loop runs anything else, and what is passed on is a fresh bytes object.
@@ -185,15 +186,15 @@ class _TlsTransport:
 
 
 async def open_tls(host: str, port: int, context: ssl.SSLContext, server_hostname: str | None = None,
-                   **kwargs: Any) -> TlsEndpoint:
-    """Connect and complete the TLS handshake; raises OSError or ssl.SSLError.
+                   via: WebProxy | None = None, **kwargs: Any) -> TlsEndpoint:
+    """Connect (through the web proxy ``via`` with HTTP CONNECT, if given) and complete the TLS
+    handshake; raises OSError or ssl.SSLError (UpstreamError for a web proxy's refusal).
 
     (No session resumption: CPython copies a session through DER both when reading and when
     setting it, 0.4 ms in all, about what a resumed handshake saves.)
     """
-    loop = asyncio.get_running_loop()
     name = server_hostname if server_hostname is not None else host
-    transport, endpoint = await loop.create_connection(lambda: TlsEndpoint(context, name, **kwargs), host, port)
+    transport, endpoint = await open_connection(lambda: TlsEndpoint(context, name, **kwargs), host, port, via)
     try:
         await endpoint.handshake
     except BaseException:

@@ -49,7 +49,8 @@ class ImapProxy(Listeners):
         self.draining = False
         self._reading: set[Endpoint] = set()  # sessions waiting for a command before login
         self._upstream = Upstream(
-            connect=lambda: upstream.connect(self.config.imap.upstream, self.upstream_tls),
+            connect=lambda: upstream.connect(self.config.imap.upstream, self.upstream_tls,
+                                             via=self.config.imap.upstream_proxy),
             authenticate=upstream.authenticate,
             is_closed=lambda conn: conn.endpoint.is_closing,
             close=lambda conn: conn.close())

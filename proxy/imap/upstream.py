@@ -17,6 +17,7 @@ from ..relay import ConnectionClosed, Endpoint, LineTooLong
 from ..sasl import parse_xoauth2_error, xoauth2_initial_response
 from ..tls import describe_tls_error
 from ..tlsendpoint import open_tls
+from ..webproxy import WebProxy
 
 MAX_RESPONSE = 64 * 1024
 _LITERAL = re.compile(rb"\{(\d{1,6})\+?\}\r?\n$")
@@ -37,10 +38,11 @@ class Connection:
         self.endpoint.close()
 
 
-async def connect(address: Address, context: ssl.SSLContext) -> Connection:
-    """Open the TLS connection and read the greeting (and capabilities)."""
+async def connect(address: Address, context: ssl.SSLContext, *, via: WebProxy | None = None) -> Connection:
+    """Open the TLS connection (through the web proxy ``via``, if given) and read the greeting
+    (and capabilities)."""
     try:  # TLS through memory BIOs: asyncio's own TLS costs 256 KiB per idle session (tlsendpoint.py)
-        endpoint = await open_tls(address.host, address.port, context)
+        endpoint = await open_tls(address.host, address.port, context, via=via)
     except ssl.SSLError as exc:
         raise UpstreamError(f"TLS handshake with {address} failed: {describe_tls_error(exc)}") from None
     except OSError as exc:

@@ -71,11 +71,13 @@ class SmtpProxy(Listeners):
 
         async def connect() -> upstream.Connection:
             settings = self.config.smtp
-            return await upstream.connect(settings.upstream, settings.upstream_tls, self.upstream_tls, self.hostname)
+            return await upstream.connect(settings.upstream, settings.upstream_tls, self.upstream_tls, self.hostname,
+                                          via=settings.upstream_proxy)
 
         async def probe() -> dict[str, str]:
             settings = self.config.smtp
-            return await upstream.probe(settings.upstream, settings.upstream_tls, self.upstream_tls, self.hostname)
+            return await upstream.probe(settings.upstream, settings.upstream_tls, self.upstream_tls, self.hostname,
+                                        via=settings.upstream_proxy)
 
         self.login_upstream: Upstream[upstream.Connection] = Upstream(
             connect=connect, authenticate=upstream.authenticate,

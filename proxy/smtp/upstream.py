@@ -21,6 +21,7 @@ from ..login import TokenRejected, UpstreamError
 from ..relay import WRITE_HIGH_WATER, ConnectionClosed, Endpoint, LineTooLong
 from ..sasl import SaslError, parse_xoauth2_error, xoauth2_initial_response
 from ..tls import describe_tls_error
+from ..webproxy import WebProxy, open_connection
 from .wire import MAX_REPLY_LINE, MAX_REPLY_LINES, Reply, dot_stuff, parse_ehlo, parse_reply_line
 
 
@@ -74,8 +75,10 @@ class Connection:
         self.endpoint.abort()
 
 
-async def connect(address: Address, tls_mode: str, context: ssl.SSLContext, local_name: str) -> Connection:
-    """TCP, greeting, EHLO, STARTTLS (certificate and host name verified), EHLO again.
+async def connect(address: Address, tls_mode: str, context: ssl.SSLContext, local_name: str, *,
+                  via: WebProxy | None = None) -> Connection:
+    """TCP (through the web proxy ``via`` with HTTP CONNECT, if given), greeting, EHLO, STARTTLS
+    (certificate and host name verified), EHLO again.
 
     With ``tls_mode == "implicit"`` TLS starts right away (port 465). Never falls back to
     plain text. Bounded by the caller's deadline (login or probe).
@@ -83,14 +86,23 @@ async def connect(address: Address, tls_mode: str, context: ssl.SSLContext, loca
     loop = asyncio.get_running_loop()
     implicit = tls_mode == "implicit"
     try:
-        _, endpoint = await loop.create_connection(Endpoint, address.host, address.port,
-                                                   ssl=context if implicit else None,
-                                                   server_hostname=address.host if implicit else None)
+        if via is None:
+            _, endpoint = await loop.create_connection(Endpoint, address.host, address.port,
+                                                       ssl=context if implicit else None,
+                                                       server_hostname=address.host if implicit else None)
+        else:
+            _, endpoint = await open_connection(Endpoint, address.host, address.port, via)
     except ssl.SSLError as exc:
         raise UpstreamError(f"TLS handshake with {address} failed: {describe_tls_error(exc)}") from None
     except OSError as exc:
         raise UpstreamError(f"cannot connect to {address} ({exc.strerror or exc.__class__.__name__})") from None
     conn = Connection(endpoint, address)
+    if via is not None and implicit:  # TLS inside the tunnel, end to end with the mail server
+        try:
+            await _start_tls(conn, context)
+        except BaseException:
+            endpoint.abort()
+            raise
     try:
         greeting = await conn.reply(None)
         if greeting.code != 220:
@@ -130,9 +142,10 @@ async def authenticate(conn: Connection, mailbox: str, token: str) -> dict[str, 
     raise UpstreamError(f"AUTH XOAUTH2 failed: {reply.code} {reply.text}")
 
 
-async def probe(address: Address, tls_mode: str, context: ssl.SSLContext, local_name: str) -> dict[str, str]:
+async def probe(address: Address, tls_mode: str, context: ssl.SSLContext, local_name: str, *,
+                via: WebProxy | None = None) -> dict[str, str]:
     """Connect without logging in, to learn the EHLO keywords; then QUIT."""
-    conn = await connect(address, tls_mode, context, local_name)
+    conn = await connect(address, tls_mode, context, local_name, via=via)
     conn.quit()
     return conn.extensions
 
@@ -171,9 +184,14 @@ async def _starttls(conn: Connection, context: ssl.SSLContext) -> None:
     reply = await conn.command(b"STARTTLS", None)
     if reply.code != 220:
         raise UpstreamError(f"{conn.address} refused STARTTLS: {reply.code} {reply.text}")
-    endpoint = conn.endpoint
-    if endpoint.take_buffer():  # bytes sent before TLS must not be read as if they came after it
+    if conn.endpoint.take_buffer():  # bytes sent before TLS must not be read as if they came after it
         raise UpstreamError(f"{conn.address} sent unexpected data after STARTTLS")
+    await _start_tls(conn, context)
+
+
+async def _start_tls(conn: Connection, context: ssl.SSLContext) -> None:
+    """Turn the connection's transport into a verified TLS one (STARTTLS, or implicit TLS in a tunnel)."""
+    endpoint = conn.endpoint
     try:
         transport = await asyncio.get_running_loop().start_tls(
             endpoint.transport, endpoint, context, server_hostname=conn.address.host)

@@ -287,7 +287,7 @@ class TokenBroker:
             try:
                 state.app = make_msal_app(identity, state.cache, self._http_cache)
             except Exception as exc:  # discovery: network errors, ValueError on bad metadata
-                raise transport_error(exc) from None
+                raise transport_error(exc, identity) from None
         return refresh_delegated(state.app, identity, state.home_account_id)
 
     async def _persist(self, state: AccountState, status: str = "ok") -> None:

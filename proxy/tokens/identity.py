@@ -11,12 +11,14 @@ description, never a token.
 
 from __future__ import annotations
 
+import urllib.parse
 from typing import Any
 
 import msal
 import requests
 
 from ..config import IdentityConfig
+from ..webproxy import WebProxy
 from ..logs import register_secret
 from .errors import TokenError
 
@@ -25,26 +27,40 @@ REAUTHORIZE_ERRORS = frozenset({"invalid_grant", "interaction_required", "consen
 
 
 class HttpSession(requests.Session):
-    """A requests session with a default timeout that ignores proxy/CA environment variables.
+    """A requests session with a default timeout that ignores the environment, with the web
+    proxy passed explicitly.
 
     msal has no network timeout of its own, and this machine's kind of environment sets
-    REQUESTS_CA_BUNDLE, which would silently override ``verify``.
+    REQUESTS_CA_BUNDLE, which would silently override ``verify``: so ``trust_env`` is off, and
+    the one thing wanted from the environment, the web proxy (HTTPS_PROXY, NO_PROXY, already
+    resolved with ``identity.http_proxy`` into ``proxy`` by the config), is applied per request
+    here. The proxy's credentials travel in its URL to requests and never into a message.
     """
 
-    def __init__(self, timeout: float, verify: str | bool):
+    def __init__(self, timeout: float, verify: str | bool, proxy: WebProxy | None = None):
         super().__init__()
         self.trust_env = False
         self.verify = verify
         self._timeout = timeout
+        self._proxy = proxy
 
-    def request(self, *args: Any, **kwargs: Any) -> requests.Response:  # type: ignore[override]
+    def request(self, method: str, url: str, *args: Any, **kwargs: Any) -> requests.Response:  # type: ignore[override]
         kwargs.setdefault("timeout", self._timeout)
-        return super().request(*args, **kwargs)
+        kwargs["proxies"] = self.proxies_for(url)
+        return super().request(method, url, *args, **kwargs)
+
+    def proxies_for(self, url: str) -> dict[str, str]:
+        """requests' ``proxies`` for ``url``: the web proxy unless NO_PROXY names the host."""
+        host = urllib.parse.urlsplit(url).hostname or ""
+        if self._proxy is None or self._proxy.bypass(host):
+            return {}
+        return {"https": self._proxy.url, "http": self._proxy.url}
 
 
 def http_session(identity: IdentityConfig) -> HttpSession:
-    """The HTTP session for talking to ``identity``'s authority (timeout, CA file)."""
-    return HttpSession(identity.timeout, str(identity.ca_file) if identity.ca_file else True)
+    """The HTTP session for talking to ``identity``'s authority (timeout, CA file, web proxy)."""
+    return HttpSession(identity.timeout, str(identity.ca_file) if identity.ca_file else True,
+                       getattr(identity, "http_proxy", None))
 
 
 def make_msal_app(identity: IdentityConfig, cache: msal.SerializableTokenCache,
@@ -97,7 +113,7 @@ def refresh_delegated(app: msal.ClientApplication, identity: IdentityConfig,
     except TokenError:
         raise
     except Exception as exc:
-        raise transport_error(exc) from None
+        raise transport_error(exc, identity) from None
     if result is None:
         raise TokenError("no refresh token stored", reauthorize=True)
     if "access_token" not in result:
@@ -116,17 +132,22 @@ def fetch_app_only_token(identity: IdentityConfig, http_cache: dict | None = Non
     except TokenError:
         raise
     except Exception as exc:
-        raise transport_error(exc) from None
+        raise transport_error(exc, identity) from None
     if "access_token" not in result:
         raise TokenError(f"the app's credentials were refused: {describe_msal_error(result)}; "
                          "check identity.app_only")
     return result
 
 
-def transport_error(exc: Exception) -> TokenError:
-    """A TokenError for an exception raised while talking to the identity provider."""
+def transport_error(exc: Exception, identity: IdentityConfig | None = None) -> TokenError:
+    """A TokenError for an exception raised while talking to the identity provider (the words of
+    the advice table that `proxy check` and `proxy authorize` use)."""
     if isinstance(exc, (requests.RequestException, OSError)):
-        return TokenError(f"identity provider unreachable ({exc.__class__.__name__})")
+        from ..hints import network_problem
+        problem, _ = network_problem(exc, where=identity.authority if identity else "the identity provider",
+                                     proxy=getattr(identity, "http_proxy", None),
+                                     timeout=identity.timeout if identity else None)
+        return TokenError(f"identity provider unreachable ({exc.__class__.__name__}: {problem})")
     # msal raises MsalServiceError on HTTP 5xx, ValueError on bad metadata or a bad key
     return TokenError(f"identity provider error ({exc.__class__.__name__}: {str(exc)[:120]})")
 
