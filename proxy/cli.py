@@ -11,7 +11,7 @@ import sys
 
 from . import __version__
 from .config import Config, ConfigError, load_config
-from .system import current_user, default_config_path, safe_console
+from .system import current_user, default_config_path, is_windows, safe_console
 
 log = logging.getLogger("proxy")
 
@@ -401,11 +401,12 @@ def cmd_init(config: None, args: argparse.Namespace) -> int:
         handle.write(example_config_text())
     shown = path.resolve()  # Microsoft Store Python writes %LOCALAPPDATA% elsewhere: show where it really is
     config_arg = f'"{shown}"' if " " in str(shown) else str(shown)
-    print(INIT_DONE.format(path=shown, c=config_arg), file=sys.stderr)
+    private = "" if is_windows() else " (readable by you only)"  # Windows: the folder's access list decides
+    print(INIT_DONE.format(path=shown, c=config_arg, private=private), file=sys.stderr)
     return 0
 
 
-INIT_DONE = """Wrote the example config to {path} (readable by you only).
+INIT_DONE = """Wrote the example config to {path}{private}.
 Next:
   1. Fill in identity.client_id (and identity.authority with your tenant) from the Azure app
      registration (docs/azure-setup.md), and list the mailboxes under accounts.

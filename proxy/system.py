@@ -12,6 +12,12 @@ Linux (tests/test_system.py) without faking the whole OS:
 - who the proxy runs as, for messages;
 - a console that cannot print a character (a redirected Windows console is cp1252) must not
   turn a message into a traceback.
+
+The event loop is asyncio's default on each system: on Windows the Proactor loop (I/O
+completion ports, no 512-socket limit as with select()), which has no ``add_signal_handler``
+and no ``add_reader``; tests/test_system.py scans the code so neither is used outside a guard.
+Replacing a token file while another process reads it is retried on Windows
+(proxy/tokens/store.py ``_replace``, tested with both branches there too).
 """
 
 from __future__ import annotations
