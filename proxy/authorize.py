@@ -143,7 +143,7 @@ def authorize_browser(config: Config, account: AccountConfig, password: str, *, 
     response = catcher.response
     if "error" in response:
         raise AuthorizeError(f"the identity provider refused the sign-in: {response.get('error')}: "
-                             f"{response.get('error_description', '')[:300]}")
+                             f"{shorten(response.get('error_description', ''), 300)}")
     try:
         result = finish_browser_sign_in(app, flow, response)
     except ValueError as exc:

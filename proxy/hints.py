@@ -184,4 +184,5 @@ def proxy_refusal(proxy: object, status: int, reason: str, target: str) -> str:
 def shorten(text: str, width: int) -> str:
     """``text`` on one line, at most ``width`` characters, cut between words (never mid-word)."""
     import textwrap
-    return textwrap.shorten(" ".join(str(text).split()), width=width, placeholder=" ...") or str(text)[:width]
+    line = " ".join(str(text).split())
+    return line if len(line) <= width else textwrap.shorten(line, width=width, placeholder=" ...")

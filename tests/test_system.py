@@ -223,3 +223,12 @@ def test_the_scan_finds_an_unguarded_call(tmp_path, monkeypatch):
                       "    try:\n        import fcntl\n    except ImportError:\n        pass\n")
     assert posix_only_uses(sample) == ["sample.py:2: import resource", "sample.py:4: os.getuid",
                                        "sample.py:5: loop.add_signal_handler", "sample.py:5: signal.SIGHUP"]
+
+
+def test_error_texts_are_shortened_between_words():
+    from proxy.hints import shorten
+    from proxy.tokens.identity import describe_msal_error
+    long = "AADSTS700016: Application with identifier 'x' was not found in the directory 'Kanzlei'. " * 10
+    text = describe_msal_error({"error": "unauthorized_client", "error_description": long + "\r\nTrace ID: 1"})
+    assert len(text) <= 330 and text.endswith(" ...") and text[:-4].split()[-1] in long.split()
+    assert shorten("two  words\n", 40) == "two words"

@@ -18,6 +18,7 @@ import msal
 import requests
 
 from ..config import IdentityConfig
+from ..hints import shorten
 from ..webproxy import WebProxy
 from ..logs import register_secret
 from .errors import TokenError
@@ -94,7 +95,7 @@ def make_app_only_msal_app(identity: IdentityConfig, http_cache: dict | None = N
 def describe_msal_error(result: dict[str, Any]) -> str:
     """Microsoft's error code and the first line of its description (never contains tokens)."""
     description = str(result.get("error_description") or "").strip().splitlines()
-    return f"{result.get('error')}: {description[0][:300]}" if description else str(result.get("error"))
+    return f"{result.get('error')}: {shorten(description[0], 300)}" if description else str(result.get("error"))
 
 
 def refresh_delegated(app: msal.ClientApplication, identity: IdentityConfig,
@@ -149,7 +150,7 @@ def transport_error(exc: Exception, identity: IdentityConfig | None = None) -> T
                                      timeout=identity.timeout if identity else None)
         return TokenError(f"identity provider unreachable ({exc.__class__.__name__}: {problem})")
     # msal raises MsalServiceError on HTTP 5xx, ValueError on bad metadata or a bad key
-    return TokenError(f"identity provider error ({exc.__class__.__name__}: {str(exc)[:120]})")
+    return TokenError(f"identity provider error ({exc.__class__.__name__}: {shorten(str(exc), 120)})")
 
 
 # ------------------------------------------------------------------------------ the token cache
