@@ -2,7 +2,7 @@
 
 In the style of h11: :class:`ImapFront` takes the bytes a client sent and returns events
 (:class:`Send` bytes to the client, a :class:`Login` to perform, :class:`StartTLS`,
-:class:`Close`). The asyncio shell around it does the I/O and the actual logins, then calls
+:class:`Close`; shared with the POP3 core, :mod:`proxy.events`). The asyncio shell around it does the I/O and the actual logins, then calls
 :meth:`ImapFront.login_succeeded` or :meth:`ImapFront.login_failed`. After a successful
 login the core is done: :meth:`ImapFront.take_pending` hands over the bytes the client sent
 after its login command, to be forwarded upstream unchanged.
@@ -15,45 +15,14 @@ kinds (RFC 7888 LITERAL+). Every input is bounded and nothing here raises on any
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
 from typing import Callable
 
+from ..events import Close, Event, Login, Send, StartTLS
 from ..sasl import SaslError, SaslSyntaxError, decode_plain, validate_password, validate_username
 from .reader import (ATOM_CHARS, TAG_CHARS, Arguments, Command, CommandReader, LiteralStart,
                      ParseError, Rejected, tag_of)
 
-
-@dataclass(frozen=True)
-class Send:
-    """Bytes to write to the client (always exactly one complete reply line)."""
-
-    data: bytes
-
-
-@dataclass(frozen=True)
-class Login:
-    """The client asked to log in; the shell answers with login_succeeded/login_failed."""
-
-    tag: str
-    username: str
-    password: str = field(repr=False)
-    authzid: str = ""
-    mechanism: str = "LOGIN"
-
-
-@dataclass(frozen=True)
-class StartTLS:
-    """Start the TLS handshake now (the OK has been sent), then call tls_started()."""
-
-
-@dataclass(frozen=True)
-class Close:
-    """Close the connection after writing the preceding Sends."""
-
-    reason: str
-
-
-Event = Send | Login | StartTLS | Close
+__all__ = ["Close", "Event", "ImapFront", "Login", "Send", "StartTLS", "State"]
 
 
 class State(enum.Enum):

@@ -16,6 +16,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from ..lines import LineReader, LineTooLong
+
 # ATOM-CHAR: any CHAR except atom-specials "(" ")" "{" SP CTL "%" "*" DQUOTE "\" "]".
 ATOM_CHARS = frozenset(set(range(0x21, 0x7F)) - set(b'(){%*"\\]'))
 ASTRING_CHARS = ATOM_CHARS | {ord("]")}
@@ -57,15 +59,13 @@ class Rejected:
 ReaderEvent = Command | LiteralStart | Rejected
 
 
-class CommandReader:
+class CommandReader(LineReader):
     """Incremental framing of IMAP commands; see the module docstring."""
 
     def __init__(self, *, max_line: int, max_literal: int, max_command: int) -> None:
-        self.max_line = max_line
+        super().__init__(max_line=max_line)
         self.max_literal = max_literal
         self.max_command = max_command
-        self._buf = bytearray()
-        self._scanned = 0             # bytes of _buf already known to hold no LF
         self._parts: list[bytes] = []  # the command so far
         self._size = 0                # bytes of the command so far (markers, CRLFs included)
         self._literal: bytearray | None = None  # literal being received, if any
@@ -75,17 +75,6 @@ class CommandReader:
     def buffered(self) -> int:
         """Bytes held: unparsed input plus the partial command."""
         return len(self._buf) + self._size + (len(self._literal) if self._literal else 0)
-
-    def feed(self, data: bytes) -> None:
-        """Append received bytes."""
-        self._buf += data
-
-    def take_rest(self) -> bytes:
-        """Return and forget the unparsed input (the partial command stays untouched)."""
-        rest = bytes(self._buf)
-        self._buf.clear()
-        self._scanned = 0
-        return rest
 
     def abandon(self) -> None:
         """Forget the command being read (e.g. after answering a rejected literal)."""
@@ -113,20 +102,10 @@ class CommandReader:
 
     # -- internals ------------------------------------------------------------------------
     def _read_line(self) -> bytes | Rejected | None:
-        end = self._buf.find(b"\n", self._scanned)
-        if end < 0:
-            pending = len(self._buf) - (1 if self._buf.endswith(b"\r") else 0)
-            if pending > self.max_line:
-                return Rejected(b"", "Line too long", True)
-            self._scanned = len(self._buf)
-            return None
-        stop = end - 1 if end > 0 and self._buf[end - 1] == 0x0D else end
-        if stop > self.max_line:
+        try:
+            return self.next_line()
+        except LineTooLong:
             return Rejected(b"", "Line too long", True)
-        line = bytes(self._buf[:stop])
-        del self._buf[:end + 1]
-        self._scanned = 0
-        return line
 
     def _end_segment(self, line: bytes) -> ReaderEvent | None:
         """Handle a complete line segment: finish the command or start a literal.
