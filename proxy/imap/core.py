@@ -19,6 +19,7 @@ from typing import Callable
 
 from ..events import Close, Event, Login, Send, StartTLS
 from ..sasl import SaslError, SaslSyntaxError, decode_plain, validate_password, validate_username
+from ..text import printable, reply_text
 from .reader import (ATOM_CHARS, TAG_CHARS, Arguments, Command, CommandReader, LiteralStart,
                      ParseError, Rejected, tag_of)
 
@@ -43,7 +44,6 @@ _LATER_COMMANDS = frozenset(
     "GETQUOTAROOT SETQUOTA GETACL SETACL DELETEACL LISTRIGHTS MYRIGHTS GETMETADATA SETMETADATA "
     "COMPRESS SORT THREAD XLIST ESEARCH UNAUTHENTICATE REPLACE".split())
 _CONTINUE_LITERAL = b"+ Ready for literal data\r\n"
-_MAX_TEXT = 1000
 
 
 class ImapFront:
@@ -58,7 +58,7 @@ class ImapFront:
         self.starttls = starttls
         self.tls_active = tls_active
         self.login_requires_tls = login_requires_tls
-        self.greeting_text = _clean_text(greeting_text, "IMAP proxy ready")
+        self.greeting_text = reply_text(greeting_text, "IMAP proxy ready")
         self.id_fields = dict(id_fields or {})
         self.max_command = 4 * max_line + 2 * max_literal
         self._reader = CommandReader(max_line=max_line, max_literal=max_literal,
@@ -117,7 +117,7 @@ class ImapFront:
         self._state = State.DONE
         caps = _atoms(capabilities or "")
         code = f"[CAPABILITY {caps}] " if caps else ""
-        return f"{self._tag} OK {code}{_clean_text(text, 'Logged in')}\r\n".encode()
+        return f"{self._tag} OK {code}{reply_text(text, 'Logged in')}\r\n".encode()
 
     def login_failed(self, code: str, text: str) -> list[Event]:
         """The login failed: answer NO [code] text, then go on with any pipelined input."""
@@ -318,7 +318,7 @@ class ImapFront:
         self.login_failures += 1
         code = str(code or "").strip()
         code = code if _atoms(code) == code else ""  # a single atom, or no code
-        _reply(out, tag, (f"NO [{code}] " if code else "NO ") + _clean_text(text, "Login failed"))
+        _reply(out, tag, (f"NO [{code}] " if code else "NO ") + reply_text(text, "Login failed"))
         if self.login_failures >= self.max_login_failures:
             self._close(out, "too many login failures", "Too many failed logins")
 
@@ -346,17 +346,6 @@ def _reply(out: list[Event], tag: str, text: str) -> None:
     out.append(Send(f"{tag} {text}\r\n".encode("ascii", "replace")))
 
 
-def _printable(text: str) -> str:
-    """``text`` as printable ASCII on one line (controls become spaces, others '?')."""
-    text = "".join(c if " " <= c <= "~" else ("?" if c >= "\x80" else " ") for c in str(text))
-    return " ".join(text.split())[:_MAX_TEXT]
-
-
-def _clean_text(text: str, default: str) -> str:
-    """Reply text: printable, not starting with '[' (a fake response code), never empty."""
-    return _printable(text).lstrip("[ ") or default
-
-
 def _atoms(text: str) -> str:
     """The space-separated atoms of ``text`` (e.g. capabilities or a response code)."""
     words = str(text or "").split()
@@ -365,5 +354,5 @@ def _atoms(text: str) -> str:
 
 def _quote(text: str) -> str:
     """A quoted string holding the printable form of ``text``."""
-    text = _printable(text)
+    text = printable(text)
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'

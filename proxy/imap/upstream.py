@@ -15,6 +15,7 @@ from ..config import Address
 from ..login import TokenRejected, UpstreamError
 from ..relay import ConnectionClosed, Endpoint, LineTooLong
 from ..sasl import parse_xoauth2_error, xoauth2_initial_response
+from ..text import server_text
 from ..tls import describe_tls_error
 from ..tlsendpoint import open_tls
 from ..webproxy import WebProxy
@@ -52,9 +53,9 @@ async def connect(address: Address, context: ssl.SSLContext, *, via: WebProxy | 
         greeting = await read_response(endpoint)
         upper = greeting.upper()
         if upper.startswith(b"* BYE"):
-            raise UpstreamError(f"{address} refused the connection: {_text(greeting)}")
+            raise UpstreamError(f"{address} refused the connection: {server_text(greeting)}")
         if not upper.startswith(b"* OK"):
-            raise UpstreamError(f"{address} sent an unexpected greeting: {_text(greeting)[:100]}")
+            raise UpstreamError(f"{address} sent an unexpected greeting: {server_text(greeting)[:100]}")
         conn.capabilities = _capabilities(greeting) or await capability(conn)
     except BaseException:
         endpoint.abort()
@@ -72,7 +73,7 @@ async def capability(conn: Connection) -> list[str]:
             caps = response[13:].decode("ascii", "replace").split()
         elif response.startswith(tag + b" "):
             if not response[len(tag) + 1:].upper().startswith(b"OK"):
-                raise UpstreamError(f"CAPABILITY failed upstream: {_text(response)}")
+                raise UpstreamError(f"CAPABILITY failed upstream: {server_text(response)}")
             return caps
 
 
@@ -111,7 +112,7 @@ async def authenticate(conn: Connection, user: str, token: str) -> str | None:
         if response.startswith(b"*"):
             continue
         if not response.startswith(tag + b" "):
-            raise UpstreamError(f"unexpected response during login: {_text(response)[:100]}")
+            raise UpstreamError(f"unexpected response during login: {server_text(response)[:100]}")
         status = response[len(tag) + 1:]
         if status.upper().startswith(b"OK"):
             found = _CAPABILITY_CODE.search(status)
@@ -119,8 +120,8 @@ async def authenticate(conn: Connection, user: str, token: str) -> str | None:
                 caps = found.group(1).decode("ascii", "replace").strip()
             return caps
         if status.upper().startswith(b"NO"):
-            raise TokenRejected(_text(status[2:]), details)
-        raise UpstreamError(f"upstream refused AUTHENTICATE: {_text(status)}")
+            raise TokenRejected(server_text(status[2:]), details)
+        raise UpstreamError(f"upstream refused AUTHENTICATE: {server_text(status)}")
 
 
 async def read_response(ep: Endpoint) -> bytes:
@@ -143,9 +144,3 @@ async def read_response(ep: Endpoint) -> bytes:
 def _capabilities(greeting: bytes) -> list[str]:
     found = _CAPABILITY_CODE.search(greeting)
     return found.group(1).decode("ascii", "replace").split() if found else []
-
-
-def _text(line: bytes) -> str:
-    """Printable text of a server response, for logs and client messages."""
-    text = line.decode("utf-8", "replace").strip()
-    return "".join(c if c.isprintable() else "?" for c in text)[:300]
