@@ -19,9 +19,7 @@ contains a token or a password.
 from __future__ import annotations
 
 import asyncio
-import base64
 import getpass
-import json
 import sys
 import time
 from typing import Awaitable, Callable, TextIO
@@ -33,15 +31,13 @@ from .hints import hint_for, imap_refused_hint, network_problem, smtp_refused_hi
 from .imap import upstream as imap_upstream
 from .login import TokenRejected, UpstreamError
 from .logs import register_secret
+from .permissions import IMAP_PERMISSIONS, SMTP_PERMISSIONS, granted_permissions
 from .smtp import upstream as smtp_upstream
 from .smtp.server import local_hostname
 from .tls import client_context
 from .tokens import LoginRefused, TokenBroker, TokenError
 from .tokens.identity import describe_msal_error, fetch_app_only_token, http_session
 from .tokens.store import NoTokens, StoreError, TokenStore
-
-IMAP_PERMISSIONS = ("IMAP.AccessAsUser.All", "IMAP.AccessAsApp")
-SMTP_PERMISSIONS = ("SMTP.Send", "SMTP.SendAsApp")
 
 
 class Report:
@@ -225,25 +221,6 @@ def _token_ok(report: Report, what: str, token: str, scope: str | None, expires_
                         f"add {needed[0]} (delegated) or {needed[1]} (app-only) to the app's API permissions "
                         "with admin consent, list it in identity.scopes, then run `proxy authorize` again "
                         "(docs/azure-setup.md)")
-
-
-def granted_permissions(token: str, scope: str | None) -> set[str] | None:
-    """The permissions a token carries: the ``scp``/``roles`` claims of a JWT access token (read,
-    not verified: for diagnosis only), else the token response's ``scope``; None if unknown or
-    only ``/.default`` (which names no permission)."""
-    parts = token.split(".")
-    if len(parts) == 3:
-        try:
-            claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
-            found = set(str(claims.get("scp") or "").split()) | set(claims.get("roles") or [])
-            if found:
-                return found
-        except (ValueError, TypeError, AttributeError):
-            pass
-    names = set((scope or "").split()) - {"openid", "profile", "offline_access", "email"}
-    if not names or all(n.endswith("/.default") for n in names):
-        return None
-    return names
 
 
 def _check_authorizations(config: Config, report: Report) -> None:

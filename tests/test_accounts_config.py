@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from proxy.authorize import browser_unavailable
-from proxy.check import granted_permissions
+from proxy.permissions import granted_permissions
 from proxy.config import FLOW_CLIENT_CREDENTIALS, FLOW_DELEGATED, ConfigError, parse_config
 from proxy.hints import hint_for, imap_refused_hint, smtp_refused_hint
 
