@@ -62,8 +62,17 @@ def write_config(directory: Path, *, idp, pki, dovecot, accounts: list[str | dic
     return path
 
 
-def listen_port(config_path: Path, section: str = "imap") -> int:
+def pop3_section(dovecot, pki, **settings) -> dict:
+    """A ``pop3`` config section: a free port on loopback, Dovecot's POP3S as the upstream."""
+    return {"listen": f"127.0.0.1:{free_port()}", "upstream": f"{dovecot.pop3_host}:{dovecot.pop3_port}",
+            "ca_file": str(pki.ca_file), **settings}
+
+
+def listen_port(config_path: Path, section: str = "imap") -> int | None:
+    """The port of ``section``'s listener; None if the config has no such section."""
     data = yaml.safe_load(config_path.read_text())
+    if data.get(section) is None:
+        return None
     return int(data[section]["listen"].rsplit(":", 1)[1])
 
 
@@ -102,8 +111,11 @@ class ProxyProcess:
             stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT, env=proxy_env(pki))
         self.imap_port = listen_port(config_path, "imap")
         self.smtp_port = listen_port(config_path, "smtp")
+        self.pop3_port = listen_port(config_path, "pop3")  # None without a pop3 section
         try:
             wait_port("127.0.0.1", self.imap_port, process=self.process)
+            if self.pop3_port is not None:
+                wait_port("127.0.0.1", self.pop3_port, process=self.process)
         except Exception:
             self.stop()
             raise RuntimeError(f"proxy did not start:\n{self.log_text()}") from None

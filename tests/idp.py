@@ -49,7 +49,7 @@ _LOOPBACK_REDIRECT = re.compile(r"^http://(localhost|127\.0\.0\.1)(:\d{1,5})?(/[
 _CONTROLS = {"reset", "reset_counters", "counters", "set_access_token_lifetime", "set_access_token_length",
              "set_next_user", "deny_next", "revoke", "expire_access_tokens", "expire_refresh_tokens",
              "set_fault", "clear_faults", "mint_access_token", "approve_device", "decline_device",
-             "allow_delegation", "register_client", "stop_for"}
+             "allow_delegation", "register_client", "stop_for", "grant_admin_consent"}
 
 # AADSTS code -> (OAuth error, description), as Microsoft words them.
 _AADSTS: dict[int, tuple[str, str]] = {
@@ -66,6 +66,9 @@ _AADSTS: dict[int, tuple[str, str]] = {
                              "Send a new interactive authorization request for this user and resource."),
     70016: ("authorization_pending", "OAuth 2.0 device flow error. Authorization is pending. Continue polling."),
     70019: ("expired_token", "Verification code expired."),
+    65001: ("invalid_grant", "The user or administrator has not consented to use the application with ID "
+                             "'{client}' named '{client}'. Send an interactive authorization request for this "
+                             "user and resource."),
     90033: ("temporarily_unavailable", "A transient error has occurred. Please try again."),
     501481: ("invalid_grant", "The Code_Verifier does not match the code_challenge supplied in the authorization "
                               "request."),
@@ -82,6 +85,8 @@ _AADSTS: dict[int, tuple[str, str]] = {
     9002313: ("invalid_grant", "Invalid request. Request is malformed or invalid."),
 }
 
+_SUBERRORS = {65001: "consent_required"}
+
 
 class OAuthError(Exception):
     """An error answered in Microsoft's JSON shape: ``error``, ``AADSTSnnn: …`` description, codes."""
@@ -94,10 +99,13 @@ class OAuthError(Exception):
     def body(self) -> dict[str, Any]:
         trace, correlation = str(uuid.uuid4()), str(uuid.uuid4())
         stamp = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime())
-        return {"error": self.error,
+        body = {"error": self.error,
                 "error_description": f"{self} Trace ID: {trace} Correlation ID: {correlation} Timestamp: {stamp}",
                 "error_codes": [self.code], "timestamp": stamp, "trace_id": trace, "correlation_id": correlation,
                 "error_uri": f"https://login.microsoftonline.com/error?code={self.code}"}
+        if self.code in _SUBERRORS:
+            body["suberror"] = _SUBERRORS[self.code]
+        return body
 
 
 @dataclass
@@ -179,6 +187,10 @@ class IdentityProvider:
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._delegations: set[tuple[str, str]] = set()
+        # Delegated permissions a user consented to for an app at sign-in, and those an admin granted
+        # for everyone: a refresh asking for any other gets AADSTS65001 (incremental consent).
+        self._consents: dict[tuple[str, str], set[str]] = {}
+        self._admin_consents: dict[str, set[str]] = {}
         self._access: dict[str, _Token] = {}
         self._refresh: dict[str, _Token] = {}
         self._codes: dict[str, _AuthCode] = {}
@@ -306,6 +318,11 @@ class IdentityProvider:
         assertion signed by the matching key (msal's certificate credential)."""
         with self._lock:
             self._clients[client_id] = Client(client_id, secret, public_flows, tuple(redirect_uris), certificate)
+
+    def grant_admin_consent(self, client_id: str, scopes: list[str]) -> None:
+        """An admin grants ``scopes`` for all users of ``client_id`` ("Grant admin consent")."""
+        with self._lock:
+            self._admin_consents.setdefault(client_id, set()).update(s.casefold() for s in scopes)
 
     def revoke(self, user: str) -> None:
         """Revoke all of ``user``'s tokens (like a password reset): refresh gets AADSTS50173."""
@@ -499,6 +516,7 @@ class IdentityProvider:
                 if code.challenge and not hmac.compare_digest(expected, code.challenge):
                     raise OAuthError(501481)
                 code.used = True
+                self._consent(code.user, client.client_id, code.scopes)
                 return self._user_tokens(code.user, client.client_id, scopes or code.scopes, code.nonce)
             if grant == "refresh_token":
                 old = self._refresh.get(form.get("refresh_token", ""))
@@ -508,6 +526,10 @@ class IdentityProvider:
                     raise OAuthError(50173)
                 if old.expires_at < now:
                     raise OAuthError(700082)
+                wanted = {s.casefold() for s in scopes if s not in OIDC_SCOPES}
+                if wanted - self._consents.get((old.user.lower(), client.client_id), set()) \
+                        - self._admin_consents.get(client.client_id, set()):
+                    raise OAuthError(65001, client=client.client_id)
                 return self._user_tokens(old.user, client.client_id, scopes or old.scope.split())
             if grant == DEVICE_GRANT:
                 device = self._devices.get(form.get("device_code", ""))
@@ -520,6 +542,7 @@ class IdentityProvider:
                 if device.user is None:
                     raise OAuthError(70016)
                 device.redeemed = True
+                self._consent(device.user, client.client_id, device.scopes)
                 return self._user_tokens(device.user, client.client_id, device.scopes)
             if grant == "client_credentials":
                 if client.secret is None and client.certificate is None:
@@ -572,6 +595,11 @@ class IdentityProvider:
                 if device.user_code == user_code.strip().upper():
                     return device
         raise KeyError(f"no device code with user code {user_code!r}")
+
+    def _consent(self, user: str, client_id: str, scopes: list[str]) -> None:
+        """The user consented to ``scopes`` on the sign-in page (consent adds up, as at Microsoft)."""
+        self._consents.setdefault((user.lower(), client_id), set()).update(
+            s.casefold() for s in scopes if s not in OIDC_SCOPES)
 
     def _new_access_token(self, user: str, client_id: str, scope: str, lifetime: int | None = None) -> str:
         with self._lock:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install everything the tests need, then run them:  bash tests/run.sh [pytest arguments]
-#  - as root on Debian/Ubuntu: Dovecot (imapd, submissiond, Lua auth), swaks, curl, Chromium
-#    and its driver, debootstrap, buildah and podman (the container test) from apt
+#  - as root on Debian/Ubuntu: Dovecot (imapd, pop3d, submissiond, Lua auth), swaks, curl, fetchmail,
+#    getmail6, Chromium and its driver, debootstrap, buildah and podman (the container test) from apt
 #  - a virtualenv in .venv with the package and its [test] extras from PyPI
 # Integration tests never skip silently: without Dovecot they fail.
 set -euo pipefail
@@ -10,6 +10,7 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(dovecot-imapd dovecot-submissiond dovecot-auth-lua swaks curl ca-certificates
               systemd  # systemd-analyze verify for contrib/oauth2-mail-proxy.service (issue 13)
               tinyproxy  # a real web proxy (HTTP CONNECT) for the identity provider and the upstreams (issue 13)
+              dovecot-pop3d fetchmail getmail6  # POP3: the upstream's service and two real clients (issue 16)
               chromium chromium-driver  # a real headless browser for the sign-in test (issue 4)
               debootstrap buildah podman)  # build and run the container image (tests/test_container.py)
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
