@@ -6,10 +6,13 @@ Steps, each printed as ``ok``/``FAIL``/``skip`` with what to do on failure:
 2. the identity provider answers its OpenID configuration (and the app-only authority, if any);
 3. with USER: a token can be obtained *now* (a forced refresh, or an app-only token) and carries
    the permissions IMAP and SMTP need;
-4. the upstream IMAP and SMTP servers are reachable with verified TLS and offer XOAUTH2, and
-   with USER they accept the token for the account's mailbox.
+4. the upstream IMAP and SMTP servers (and POP3, with a ``pop3`` section) are reachable with
+   verified TLS and offer XOAUTH2, and with USER they accept the token for the account's mailbox.
 
-The probes use the proxy's own upstream code (proxy/imap/upstream.py, proxy/smtp/upstream.py),
+An authorization given before POP3 was configured lacks its permission (the proxy keeps such
+accounts working for IMAP and SMTP); step 3 says so, and that `proxy authorize` adds it.
+The probes use the proxy's own upstream code (proxy/imap/upstream.py, proxy/smtp/upstream.py,
+proxy/pop3/upstream.py),
 so a passing check means the proxy's real login path works. (aioimaplib would be the obvious
 IMAP client, but it is GPL-3.0-only and the proxy is Apache-2.0: it stays a test dependency.)
 A refresh done here is saved to the token file like the proxy's own refreshes. Nothing printed
@@ -27,11 +30,12 @@ from typing import Awaitable, Callable, TextIO
 import requests
 
 from .config import FLOW_CLIENT_CREDENTIALS, AccountConfig, Config
-from .hints import hint_for, imap_refused_hint, network_problem, smtp_refused_hint
+from .hints import hint_for, imap_refused_hint, network_problem, pop3_refused_hint, smtp_refused_hint
 from .imap import upstream as imap_upstream
 from .login import TokenRejected, UpstreamError
 from .logs import register_secret
-from .permissions import IMAP_PERMISSIONS, SMTP_PERMISSIONS, granted_permissions
+from .permissions import PERMISSIONS, granted_permissions, missing_permission
+from .pop3 import upstream as pop3_upstream
 from .smtp import upstream as smtp_upstream
 from .smtp.server import local_hostname
 from .tls import client_context
@@ -86,6 +90,8 @@ async def run_check(config: Config, user: str | None, *, password_stdin: bool = 
     timeout = config.limits.login_timeout
     await _check_imap(config, report, account, token, timeout)
     await _check_smtp(config, report, account, token, timeout)
+    if config.pop3 is not None:
+        await _check_pop3(config, report, account, token, timeout)
     if report.failures:
         print(f"{report.failures} problem(s) found.", file=out)
         return 1
@@ -174,7 +180,7 @@ async def _check_token(config: Config, report: Report, account: AccountConfig, p
                         hint_for(str(exc)) or f"run `proxy authorize {account.owner}` again")
             return None
         register_secret(token)
-        _token_ok(report, what, token, grant.state.granted_scope, grant.state.expires_at)
+        _token_ok(config, report, account, what, token, grant.state.granted_scope, grant.state.expires_at)
         return token
     finally:
         await broker.close()
@@ -194,7 +200,8 @@ async def _check_app_only_token(config: Config, report: Report, account: Account
         return None
     token = result["access_token"]
     register_secret(token)
-    _token_ok(report, what, token, result.get("scope"), started + float(result.get("expires_in") or 0))
+    _token_ok(config, report, account, what, token, result.get("scope"),
+              started + float(result.get("expires_in") or 0))
     try:
         TokenStore(config.token_path).read(account.owner)
     except NoTokens:
@@ -205,7 +212,8 @@ async def _check_app_only_token(config: Config, report: Report, account: Account
     return token
 
 
-def _token_ok(report: Report, what: str, token: str, scope: str | None, expires_at: float) -> None:
+def _token_ok(config: Config, report: Report, account: AccountConfig, what: str, token: str, scope: str | None,
+              expires_at: float) -> None:
     granted = granted_permissions(token, scope)
     minutes = max(0.0, (expires_at - time.time()) / 60)
     detail = f"obtained from the identity provider, valid {minutes:.0f} min"
@@ -214,13 +222,19 @@ def _token_ok(report: Report, what: str, token: str, scope: str | None, expires_
     report.ok(what, detail)
     if granted is None:
         return
-    names = {g.rsplit("/", 1)[-1].casefold() for g in granted}
-    for protocol, needed in (("IMAP", IMAP_PERMISSIONS), ("SMTP", SMTP_PERMISSIONS)):
-        if not any(n.casefold() in names for n in needed):
-            report.fail(f"{what}: {protocol} permission", f"the token carries none of {', '.join(needed)}",
-                        f"add {needed[0]} (delegated) or {needed[1]} (app-only) to the app's API permissions "
-                        "with admin consent, list it in identity.scopes, then run `proxy authorize` again "
-                        "(docs/azure-setup.md)")
+    for protocol in ("imap", "smtp") + (("pop3",) if config.pop3 is not None else ()):
+        if not missing_permission(protocol, token, scope):
+            continue
+        needed = PERMISSIONS[protocol]
+        grant = (f"add {needed[0]} (delegated) or {needed[1]} (app-only) to the app's API permissions with admin "
+                 "consent and list it in identity.scopes")
+        todo = f"{grant}, then run `proxy authorize` again (docs/azure-setup.md)"
+        if protocol == "pop3" and account.flow != FLOW_CLIENT_CREDENTIALS:
+            todo = (f"run `proxy authorize {account.owner}` again: the authorization was probably given before POP3 "
+                    f"was configured (IMAP and SMTP keep working meanwhile). If POP is still missing after that, "
+                    f"{grant} (docs/azure-setup.md)")
+        report.fail(f"{what}: {protocol.upper()} permission", f"the token carries none of {', '.join(needed)}",
+                    todo)
 
 
 def _check_authorizations(config: Config, report: Report) -> None:
@@ -321,8 +335,44 @@ async def _probe_login(report: Report, protocol: str, account: AccountConfig, to
     return True
 
 
+async def _check_pop3(config: Config, report: Report, account: AccountConfig | None, token: str | None,
+                      timeout: float) -> None:
+    settings = config.pop3
+    assert settings is not None
+    address = settings.upstream
+    what = f"POP3 {address}"
+    try:
+        conn = await asyncio.wait_for(pop3_upstream.connect(address, client_context(settings.ca_file),
+                                                            via=settings.upstream_proxy), timeout)
+    except (UpstreamError, asyncio.TimeoutError) as exc:
+        report.fail(what, str(exc) or "no greeting in time", _reach_hint(address, "pop3", settings))
+        return
+    try:
+        try:
+            caps = await asyncio.wait_for(pop3_upstream.capabilities(conn), timeout)
+        except (UpstreamError, asyncio.TimeoutError) as exc:
+            report.fail(what, f"CAPA: {exc or 'no answer in time'}", _reach_hint(address, "pop3", settings))
+            return
+        if "XOAUTH2" not in {m.upper() for m in caps.get("SASL", [])}:
+            report.fail(what, "does not offer SASL XOAUTH2", "check pop3.upstream (outlook.office365.com:995)")
+            return
+        report.ok(what, "TLS certificate verified; offers SASL XOAUTH2")
+        if account is None:
+            return
+        if await _probe_login(report, "POP3", account, token, timeout,
+                              lambda: pop3_upstream.authenticate(conn, account.mailbox, token),
+                              lambda exc, app_only: pop3_refused_hint(account.mailbox, account.owner, app_only)):
+            conn.endpoint.write(b"QUIT\r\n")
+    finally:
+        conn.close()
+
+
+_UPSTREAM_DEFAULTS = {"imap": "outlook.office365.com:993", "smtp": "smtp.office365.com:587",
+                      "pop3": "outlook.office365.com:995"}
+
+
 def _reach_hint(address, protocol: str, listener=None) -> str:
-    default = "outlook.office365.com:993" if protocol == "imap" else "smtp.office365.com:587"
+    default = _UPSTREAM_DEFAULTS[protocol]
     if listener is not None and listener.upstream_proxy is not None:
         return (f"check {protocol}.upstream ({default} for Microsoft 365) and that the web proxy "
                 f"{listener.upstream_proxy} lets CONNECT to port {address.port} through; or set "

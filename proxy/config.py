@@ -26,6 +26,9 @@ DEFAULT_SCOPES = (
     "https://outlook.office.com/SMTP.Send",
     "offline_access",
 )
+# Added to the default scopes when the config has a pop3 section (POP3 needs it; accounts
+# authorized before keep working for IMAP and SMTP, see proxy/tokens/identity.py).
+POP_SCOPE = "https://outlook.office.com/POP.AccessAsUser.All"
 # msal adds these itself and refuses them in a scope list.
 MSAL_RESERVED_SCOPES = frozenset({"offline_access", "openid", "profile"})
 # imap.starttls / smtp.starttls: STARTTLS on the plain listener.
@@ -33,7 +36,7 @@ STARTTLS_OFF, STARTTLS_ON, STARTTLS_REQUIRED = "off", "on", "required"
 # Environment variables PROXY_<SECTION>_<KEY> override these sections' single-value keys
 # (see docs/container.md), e.g. PROXY_IMAP_LISTEN=0.0.0.0:1143, PROXY_TOKENS_PATH=/tokens.
 ENV_PREFIX = "PROXY_"
-ENV_SECTIONS = ("identity", "imap", "smtp", "tls", "tokens", "admin", "limits")
+ENV_SECTIONS = ("identity", "imap", "smtp", "pop3", "tls", "tokens", "admin", "limits")
 # PROXY_* variables that are not config overrides (the command line's own).
 ENV_OTHER = ("PROXY_CONFIG", "PROXY_LOG_LEVEL", "PROXY_LOG_FORMAT")
 # Microsoft's sign-in hosts (public and national clouds; the list msal knows). Authorities on
@@ -90,15 +93,15 @@ class IdentityConfig:
 
 @dataclass(frozen=True)
 class ListenerConfig:
-    """``imap`` / ``smtp``: where clients connect, and the upstream server."""
+    """``imap`` / ``smtp`` / ``pop3``: where clients connect, and the upstream server."""
 
     listen: Address
     upstream: Address
     ca_file: Path | None = None
     allow_plaintext: bool = False
-    upstream_tls: str = "implicit"  # "implicit" (IMAPS 993, SMTPS 465) or "starttls" (SMTP 587)
+    upstream_tls: str = "implicit"  # "implicit" (IMAPS 993, SMTPS 465, POP3S 995) or "starttls" (SMTP 587)
     starttls: str = STARTTLS_OFF    # on the plain listener: off, on (offered) or required (before login)
-    tls_listen: Address | None = None  # a second listener with implicit TLS (IMAPS, SMTPS)
+    tls_listen: Address | None = None  # a second listener with implicit TLS (IMAPS, SMTPS, POP3S)
     via_http_proxy: bool = False       # reach the upstream through the web proxy (HTTP CONNECT)
     upstream_proxy: WebProxy | None = None  # that proxy, unless NO_PROXY names the upstream host
 
@@ -209,6 +212,7 @@ class Config:
     source: Path | None = None
     tls: TlsConfig | None = None
     admin: AdminConfig | None = None
+    pop3: ListenerConfig | None = None  # no POP3 listener without a pop3 section
 
     def account(self, username: str) -> AccountConfig | None:
         folded = username.casefold()
@@ -268,13 +272,15 @@ def parse_config(data: Any, *, base_dir: Path, source: Path | None = None,
 
 def _parse_config(data: Any, *, base_dir: Path, source: Path | None, environ: Mapping[str, str]) -> Config:
     root = _Section(data, "", base_dir)
+    has_pop3 = isinstance(root.data, dict) and "pop3" in root.data  # even empty: POP3 with the defaults
     identity = root.section("identity", required=True)
+    scopes = identity.string_list("scopes")
     identity_cfg = IdentityConfig(
         authority=_authority(identity, "authority", required=True),
         client_id=identity.string("client_id", required=True),
         client_secret=identity.string("client_secret"),
         ca_file=identity.path("ca_file", must_exist=True),
-        scopes=tuple(identity.string_list("scopes") or DEFAULT_SCOPES),
+        scopes=tuple(scopes or _default_scopes(has_pop3)),
         timeout=identity.number("timeout", 10.0, minimum=1, maximum=60),
         app_only=_app_only(identity.section("app_only"), identity),
         http_proxy=_web_proxy(identity, environ),
@@ -288,12 +294,16 @@ def _parse_config(data: Any, *, base_dir: Path, source: Path | None, environ: Ma
                          ("starttls", "implicit"), web_proxy=identity_cfg.http_proxy)
     if imap_cfg.listen == smtp_cfg.listen:
         raise ConfigError(f"smtp.listen: {smtp_cfg.listen} is already imap.listen")
-    tls_cfg = _tls_section(root.section("tls"), {"imap": imap_cfg, "smtp": smtp_cfg})
+    pop3_cfg = _listener(root.section("pop3"), "127.0.0.1:1110", "outlook.office365.com:995", ("implicit",),
+                         web_proxy=identity_cfg.http_proxy) if has_pop3 else None
+    tls_cfg = _tls_section(root.section("tls"), {"imap": imap_cfg, "smtp": smtp_cfg, "pop3": pop3_cfg})
     admin = root.section("admin")
     admin_cfg = AdminConfig(listen=admin.address("listen", "")) if admin.data.get("listen") is not None else None
     admin.done()
     _check_addresses({"imap.listen": imap_cfg.listen, "imap.tls_listen": imap_cfg.tls_listen,
                       "smtp.listen": smtp_cfg.listen, "smtp.tls_listen": smtp_cfg.tls_listen,
+                      "pop3.listen": pop3_cfg.listen if pop3_cfg else None,
+                      "pop3.tls_listen": pop3_cfg.tls_listen if pop3_cfg else None,
                       "admin.listen": admin_cfg.listen if admin_cfg else None})
 
     tokens = root.section("tokens")
@@ -339,9 +349,21 @@ def _parse_config(data: Any, *, base_dir: Path, source: Path | None, environ: Ma
         if account.flow == FLOW_CLIENT_CREDENTIALS and identity_cfg.app_only is None:
             raise ConfigError(f"accounts[{index}].flow: client_credentials needs identity.app_only "
                               "(the app's client_id and client_secret, client_secret_file or certificate_file)")
+    if scopes and has_pop3 and any(a.flow != FLOW_CLIENT_CREDENTIALS for a in accounts) and not any(
+            s.casefold().endswith("/pop.accessasuser.all") for s in scopes):
+        raise ConfigError(f"identity.scopes: the pop3 section needs {POP_SCOPE} in this list (or drop "
+                          "identity.scopes: the default includes it when pop3 is configured)")
     root.done()
     return Config(identity=identity_cfg, imap=imap_cfg, smtp=smtp_cfg, token_path=token_path,
-                  accounts=tuple(accounts), limits=limits_cfg, source=source, tls=tls_cfg, admin=admin_cfg)
+                  accounts=tuple(accounts), limits=limits_cfg, source=source, tls=tls_cfg, admin=admin_cfg,
+                  pop3=pop3_cfg)
+
+
+def _default_scopes(pop3: bool) -> tuple[str, ...]:
+    """IMAP and SMTP (and refreshing); POP too when the config has a pop3 section."""
+    if not pop3:
+        return DEFAULT_SCOPES
+    return (*DEFAULT_SCOPES[:-1], POP_SCOPE, DEFAULT_SCOPES[-1])
 
 
 def _resolve_owners(accounts: list[AccountConfig]) -> list[AccountConfig]:
@@ -525,9 +547,9 @@ def _starttls_mode(section: "_Section") -> str:
     raise ConfigError(f"{section.prefix}.starttls: expected true, false or required, got {value!r}")
 
 
-def _tls_section(section: "_Section", listeners: dict[str, ListenerConfig]) -> TlsConfig | None:
+def _tls_section(section: "_Section", listeners: dict[str, ListenerConfig | None]) -> TlsConfig | None:
     """``tls``: needed when a listener offers TLS; both files must exist."""
-    users = [name for name, listener in listeners.items() if listener.uses_tls]
+    users = [name for name, listener in listeners.items() if listener is not None and listener.uses_tls]
     if not section.data:
         if users:
             raise ConfigError(f"tls: {users[0]} offers TLS (starttls or tls_listen), so tls.cert_file and "

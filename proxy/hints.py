@@ -1,7 +1,7 @@
 """What to do about the errors Microsoft 365 and its identity platform give most often.
 
 :func:`hint_for` maps an error text (an ``AADSTSnnnn`` code from the identity provider, an SMTP
-reply such as ``535 5.7.139``, an IMAP ``NO``) to one sentence an admin can act on. Used by
+reply such as ``535 5.7.139``, an IMAP ``NO``, a POP3 ``-ERR``) to one sentence an admin can act on. Used by
 `proxy check` and `proxy authorize`; docs/azure-setup.md explains the settings it names.
 """
 
@@ -91,6 +91,22 @@ def imap_refused_hint(mailbox: str, owner: str, app_only: bool) -> str:
     steps.append(f"IMAP must be enabled for {mailbox} (Set-CASMailbox -Identity {mailbox} -ImapEnabled $true)")
     steps.append("the token must carry IMAP.AccessAsUser.All (API permissions + identity.scopes, then "
                  f"`proxy authorize {owner}`)")
+    return "Check: " + "; ".join(steps) + "."
+
+
+def pop3_refused_hint(mailbox: str, owner: str, app_only: bool) -> str:
+    """Why Microsoft refuses a POP3 login with a token that works for IMAP (it does not say which)."""
+    if app_only:
+        return (f"The app may not open {mailbox} by POP: it needs the application permission POP.AccessAsApp with "
+                "admin consent, a service principal in Exchange (New-ServicePrincipal) and Add-MailboxPermission "
+                f"-Identity {mailbox} -User <service principal id> -AccessRights FullAccess.")
+    steps = []
+    if mailbox.casefold() != owner.casefold():
+        steps.append(f"{owner} needs Full Access to {mailbox} (Add-MailboxPermission -Identity {mailbox} "
+                     f"-User {owner} -AccessRights FullAccess)")
+    steps.append(f"POP must be enabled for {mailbox} (Set-CASMailbox -Identity {mailbox} -PopEnabled $true)")
+    steps.append("the token must carry POP.AccessAsUser.All (an authorization from before POP was configured "
+                 f"lacks it: run `proxy authorize {owner}` again; API permissions + identity.scopes)")
     return "Check: " + "; ".join(steps) + "."
 
 

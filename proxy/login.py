@@ -18,6 +18,7 @@ from .throttle import FailureThrottle
 from .config import FLOW_CLIENT_CREDENTIALS
 from .logs import log_event
 from .metrics import METRICS
+from .permissions import missing_permission
 from .tokens import LoginGrant, LoginRefused, TokenBroker, TokenError
 
 log = logging.getLogger("proxy.login")
@@ -64,7 +65,8 @@ async def login(broker: TokenBroker, throttle: FailureThrottle, upstream: Upstre
     started = time.monotonic()
     try:
         try:
-            result = await asyncio.wait_for(_login(broker, upstream, username, password, timeout), timeout)
+            result = await asyncio.wait_for(_login(broker, upstream, username, password, timeout, protocol),
+                                            timeout)
         except asyncio.TimeoutError:
             raise LoginFailed(LoginFailed.UNAVAILABLE, f"Login timed out after {timeout:.0f} s (identity "
                               "provider or mail server not answering); try again later") from None
@@ -91,7 +93,7 @@ async def relogin(broker: TokenBroker, upstream: Upstream[C], grant: LoginGrant,
     client's password in memory.
     """
     try:
-        return await asyncio.wait_for(_upstream_login(broker, upstream, grant, timeout), timeout)
+        return await asyncio.wait_for(_upstream_login(broker, upstream, grant, timeout, protocol), timeout)
     except asyncio.TimeoutError:
         raise LoginFailed(LoginFailed.UNAVAILABLE, f"Reconnecting timed out after {timeout:.0f} s") from None
     except LoginFailed as failure:
@@ -100,18 +102,18 @@ async def relogin(broker: TokenBroker, upstream: Upstream[C], grant: LoginGrant,
 
 
 async def _login(broker: TokenBroker, upstream: Upstream[C], username: str, password: str,
-                 timeout: float) -> tuple[C, object, LoginGrant]:
+                 timeout: float, protocol: str) -> tuple[C, object, LoginGrant]:
     try:
         grant = await broker.authenticate(username, password)
     except LoginRefused as exc:
         raise LoginFailed(LoginFailed.CREDENTIALS, str(exc).capitalize()) from None
     except TokenError as exc:
         raise token_failure(exc) from None
-    return (*await _upstream_login(broker, upstream, grant, timeout), grant)
+    return (*await _upstream_login(broker, upstream, grant, timeout, protocol), grant)
 
 
 async def _upstream_login(broker: TokenBroker, upstream: Upstream[C], grant: LoginGrant,
-                          timeout: float) -> tuple[C, object]:
+                          timeout: float, protocol: str) -> tuple[C, object]:
     mailbox = grant.account.mailbox  # XOAUTH2 user=: a shared mailbox is opened with its owner's token
     conn = await _connect(upstream)
     try:
@@ -124,7 +126,8 @@ async def _upstream_login(broker: TokenBroker, upstream: Upstream[C], grant: Log
                 return conn, await upstream.authenticate(conn, mailbox, token)
             except TokenRejected as exc:
                 if attempt == 2 or not broker.reject(grant, token):
-                    raise LoginFailed(LoginFailed.REJECTED, rejected_text(grant, str(exc))) from None
+                    raise LoginFailed(LoginFailed.REJECTED, rejected_text(
+                        grant, str(exc), missing_permission(protocol, token, grant.state.granted_scope))) from None
                 log.info("upstream refused the token for %s; refreshing once and retrying", mailbox)
                 if upstream.is_closed(conn):
                     upstream.close(conn)
@@ -144,9 +147,15 @@ async def _connect(upstream: Upstream[C]) -> C:
         raise LoginFailed(LoginFailed.UNAVAILABLE, f"Mail server unreachable: {exc}") from None
 
 
-def rejected_text(grant: LoginGrant, reply: str) -> str:
-    """What to tell the client when the mail server refused even a fresh token."""
+def rejected_text(grant: LoginGrant, reply: str, missing: str | None = None) -> str:
+    """What to tell the client when the mail server refused even a fresh token (``missing``: the
+    permission the token is known to lack for this protocol)."""
     account, mailbox = grant.account, grant.account.mailbox
+    if missing and account.flow != FLOW_CLIENT_CREDENTIALS:
+        return (f"The mail server refused the access token ({reply}): the authorization of {account.owner} does "
+                f"not include {missing} (for example, it was given before this protocol was configured). Run "
+                f"`proxy authorize {account.owner}` again to add it; if that does not help, the app registration "
+                f"needs the permission {missing} (docs/azure-setup.md)")
     if account.flow == FLOW_CLIENT_CREDENTIALS:
         return (f"The mail server refused the app's token for the mailbox {mailbox} ({reply}). An Exchange "
                 "admin must register the app's service principal and give it access to this mailbox "

@@ -14,7 +14,7 @@ addresses), never anything secret. Names::
     proxy_config_reloads_total{result}               ok, refused
     proxy_config_last_reload_timestamp_seconds       last successful (re)load of the config
 
-The relayed byte counts of open IMAP sessions are read when scraped (the relay itself counts
+The relayed byte counts of open IMAP and POP3 sessions are read when scraped (the relay itself counts
 bytes anyway), so the data path pays nothing per packet.
 """
 
@@ -30,6 +30,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 LOGIN_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 15.0, 20.0, 25.0, 30.0)
 TO_SERVER, TO_CLIENT = "to_server", "to_client"
+PROTOCOLS = ("imap", "smtp", "pop3")  # series present from the start (pop3 stays 0 without its listener)
 disable_created_metrics()  # no *_created series: they double the output and nobody here reads them
 
 
@@ -61,7 +62,7 @@ class RelayedBytes:
             up, down = read()
             totals[(protocol, TO_SERVER)] += up
             totals[(protocol, TO_CLIENT)] += down
-        for protocol in ("imap", "smtp"):
+        for protocol in PROTOCOLS:
             for direction in (TO_SERVER, TO_CLIENT):
                 totals[(protocol, direction)] += 0
         return totals
@@ -123,7 +124,7 @@ class Metrics:
         #: Set by `proxy serve`: returns (account, access token expiry as Unix time or None) pairs.
         self.token_expiry: Callable[[], Iterable[tuple[str, float | None]]] | None = None
         registry.register(_TokenExpiry(self))  # type: ignore[arg-type]
-        for protocol in ("imap", "smtp"):  # present from the start, so rates work from the first scrape
+        for protocol in PROTOCOLS:  # present from the start, so rates work from the first scrape
             self.sessions_open.labels(protocol)
             self.sessions.labels(protocol)
             self.login_seconds.labels(protocol)

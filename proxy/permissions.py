@@ -9,6 +9,18 @@ import json
 # Per protocol: the delegated permission, then the app-only one.
 IMAP_PERMISSIONS = ("IMAP.AccessAsUser.All", "IMAP.AccessAsApp")
 SMTP_PERMISSIONS = ("SMTP.Send", "SMTP.SendAsApp")
+POP_PERMISSIONS = ("POP.AccessAsUser.All", "POP.AccessAsApp")
+PERMISSIONS = {"imap": IMAP_PERMISSIONS, "smtp": SMTP_PERMISSIONS, "pop3": POP_PERMISSIONS}
+
+
+def missing_permission(protocol: str, token: str, scope: str | None) -> str | None:
+    """The delegated permission ``protocol`` needs if the token is known to lack it (else None)."""
+    needed = PERMISSIONS.get(protocol)
+    granted = granted_permissions(token, scope)
+    if needed is None or granted is None:
+        return None
+    names = {g.rsplit("/", 1)[-1].casefold() for g in granted}
+    return None if any(n.casefold() in names for n in needed) else needed[0]
 
 
 def granted_permissions(token: str, scope: str | None) -> set[str] | None:

@@ -12,6 +12,7 @@ import logging
 
 from .config import Config
 from .imap.server import ImapProxy
+from .pop3.server import Pop3Proxy
 from .smtp.server import SmtpProxy
 from .tokens.store import StoreError, TokenStore
 from .throttle import FailureThrottle
@@ -29,13 +30,15 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None, stop: asy
     broker = TokenBroker(config, store)
     if removed := store.remove_leftovers():
         log.info("removed %d temporary file(s) left in %s by an interrupted write", removed, store.directory)
-    throttle = FailureThrottle()  # one for both listeners: guessing over SMTP slows IMAP logins too
+    throttle = FailureThrottle()  # one for all listeners: guessing over SMTP slows IMAP logins too
     server_tls = make_server_tls(config)  # the proxy's own TLS listeners (tls: cert_file, key_file)
     imap = ImapProxy(config, broker, upstream_tls=client_context(config.imap.ca_file), throttle=throttle,
                      server_tls=server_tls)
     smtp = SmtpProxy(config, broker, upstream_tls=client_context(config.smtp.ca_file), throttle=throttle,
                      server_tls=server_tls)
-    runtime = Runtime(config, store=store, broker=broker, imap=imap, smtp=smtp, server_tls=server_tls)
+    pop3 = Pop3Proxy(config, broker, upstream_tls=client_context(config.pop3.ca_file), throttle=throttle,
+                     server_tls=server_tls) if config.pop3 is not None else None
+    runtime = Runtime(config, store=store, broker=broker, imap=imap, smtp=smtp, server_tls=server_tls, pop3=pop3)
     stop = stop or asyncio.Event()
     force = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -50,6 +53,8 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None, stop: asy
     try:
         await imap.start()
         await smtp.start()
+        if pop3 is not None:
+            await pop3.start()
         await runtime.start()
     except BaseException:
         await runtime.shutdown(0)

@@ -32,6 +32,7 @@ from .adminhttp import AdminServer
 from .config import Config, ConfigError, load_config
 from .imap.server import ImapProxy
 from .metrics import METRICS
+from .pop3.server import Pop3Proxy
 from .smtp.server import SmtpProxy
 from .tokens.store import StoreError, TokenStore
 from .tls import client_context, reload_server_context, server_context
@@ -42,6 +43,9 @@ WATCH_INTERVAL = 2.0  # seconds between checks of the config file for changes
 # Settings bound when `proxy serve` starts; a reload only warns about changes to them.
 _RESTART_KEYS = (("imap.listen", lambda c: c.imap.listen), ("imap.tls_listen", lambda c: c.imap.tls_listen),
                  ("smtp.listen", lambda c: c.smtp.listen), ("smtp.tls_listen", lambda c: c.smtp.tls_listen),
+                 ("pop3 (the section)", lambda c: c.pop3 is not None),
+                 ("pop3.listen", lambda c: c.pop3.listen if c.pop3 else None),
+                 ("pop3.tls_listen", lambda c: c.pop3.tls_listen if c.pop3 else None),
                  ("admin.listen", lambda c: c.admin.listen if c.admin else None),
                  ("tokens.path", lambda c: c.token_path))
 
@@ -65,9 +69,9 @@ class Runtime:
     """Reload, health, readiness and shutdown for one running proxy."""
 
     def __init__(self, config: Config, *, store: TokenStore, broker: TokenBroker, imap: ImapProxy,
-                 smtp: SmtpProxy, server_tls: ssl.SSLContext | None):
+                 smtp: SmtpProxy, server_tls: ssl.SSLContext | None, pop3: Pop3Proxy | None = None):
         self.config, self.store, self.broker = config, store, broker
-        self.imap, self.smtp, self.server_tls = imap, smtp, server_tls
+        self.imap, self.smtp, self.pop3, self.server_tls = imap, smtp, pop3, server_tls
         self.admin: AdminServer | None = None
         self.stopping = False
         self._file_stamp = _stamp(config.source)
@@ -79,8 +83,8 @@ class Runtime:
     # -- start --------------------------------------------------------------------------
     async def start(self, *, watch_interval: float = WATCH_INTERVAL) -> None:
         """After the listeners started: the admin listener, warnings, the config file watcher."""
-        for name, listener in (("imap", self.config.imap), ("smtp", self.config.smtp)):
-            if listener.plaintext_exposed:
+        for name, listener in (("imap", self.config.imap), ("smtp", self.config.smtp), ("pop3", self.config.pop3)):
+            if listener is not None and listener.plaintext_exposed:
                 log.warning("%s.listen is %s without TLS required (allow_plaintext: true): passwords from other "
                             "computers cross the network in clear. Prefer %s.starttls: required or %s.tls_listen",
                             name, listener.listen, name, name)
@@ -94,6 +98,8 @@ class Runtime:
     # -- health -------------------------------------------------------------------------
     def health(self) -> tuple[bool, dict]:
         listeners = {"imap": self.imap.listening, "smtp": self.smtp.listening}
+        if self.pop3 is not None:
+            listeners["pop3"] = self.pop3.listening
         ok = all(listeners.values()) and not self.stopping
         return ok, {"listeners": listeners, "stopping": self.stopping}
 
@@ -162,6 +168,7 @@ class Runtime:
         try:
             new = load_config(source)
             imap_tls, smtp_tls = client_context(new.imap.ca_file), client_context(new.smtp.ca_file)
+            pop3_tls = client_context(new.pop3.ca_file) if new.pop3 is not None else None
             server_tls = make_server_tls(new)  # checks the certificate and key before anything changes
         except (ConfigError, OSError, ssl.SSLError, ValueError) as exc:
             METRICS.config_reloads.labels("refused").inc()
@@ -176,6 +183,9 @@ class Runtime:
         self.imap.server_tls = self.smtp.server_tls = self.server_tls
         self.imap.reconfigure(new, imap_tls)
         self.smtp.reconfigure(new, smtp_tls)
+        if self.pop3 is not None:
+            self.pop3.server_tls = self.server_tls
+            self.pop3.reconfigure(new, pop3_tls or self.pop3.upstream_tls)
         self.broker.reconfigure(new)
         self.config = new
         METRICS.config_reloads.labels("ok").inc()
@@ -210,13 +220,13 @@ class Runtime:
         self.stopping = True
         if self._watcher is not None:
             self._watcher.cancel()
-        open_imap, open_smtp = len(self.imap.sessions), len(self.smtp.sessions)
-        if grace > 0 and open_imap + open_smtp:
-            log.info("shutting down: listeners closed; waiting up to %.0f s for %d IMAP and %d SMTP session(s)",
-                     grace, open_imap, open_smtp)
+        fronts = [f for f in (self.imap, self.smtp, self.pop3) if f is not None]
+        open_sessions = [len(f.sessions) for f in fronts]
+        if grace > 0 and sum(open_sessions):
+            log.info("shutting down: listeners closed; waiting up to %.0f s for %s", grace, _sessions(open_sessions))
         else:
             log.info("shutting down")
-        drain = asyncio.ensure_future(asyncio.gather(self.imap.drain(grace), self.smtp.drain(grace)))
+        drain = asyncio.ensure_future(asyncio.gather(*(f.drain(grace) for f in fronts)))
         waits: set[asyncio.Future] = {drain}
         if force is not None:
             waits.add(asyncio.ensure_future(force.wait()))
@@ -224,19 +234,24 @@ class Runtime:
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             if not drain.done():
                 log.warning("second signal: ending the open sessions now")
-                await asyncio.gather(self.imap.close(), self.smtp.close())
-            cut_imap, cut_smtp = await drain
+                await asyncio.gather(*(f.close() for f in fronts))
+            cut = await drain
         finally:
             for waiter in waits:
                 waiter.cancel()
             if self.admin is not None:
                 await self.admin.close()
             await self.broker.close()
-        if cut_imap + cut_smtp:
-            log.info("stopped; %d IMAP and %d SMTP session(s) were still open after the grace period and were "
-                     "closed", cut_imap, cut_smtp)
+        if sum(cut):
+            log.info("stopped; %s were still open after the grace period and were closed", _sessions(cut))
         else:
             log.info("stopped")
+
+
+def _sessions(counts: list[int]) -> str:
+    """``[2, 1]`` → "2 IMAP and 1 SMTP session(s)" (and POP3 when its listener runs)."""
+    parts = [f"{n} {name}" for n, name in zip(counts, ("IMAP", "SMTP", "POP3"))]
+    return (", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0]) + " session(s)"
 
 
 def _stamp(path: Path | None) -> tuple[int, int, int] | None:

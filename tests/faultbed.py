@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import imaplib
+import poplib
 import re
 import smtplib
 import socket
@@ -101,8 +102,23 @@ class Bed:
         finally:
             client.close()
 
+    def pop3_login(self, user: str, password: str = PASSWORD) -> str:
+        """USER/PASS with poplib (the config needs a pop3 section); returns "+OK" or the error text."""
+        self.passwords.add(password)
+        client = poplib.POP3("127.0.0.1", self.proxy.pop3_port, timeout=40)
+        try:
+            client.user(user)
+            reply = client.pass_(password).decode()
+            self.outputs.append(("pop3 login reply", reply))
+            client.quit()
+            return "+OK"
+        except poplib.error_proto as exc:
+            self.outputs.append(("pop3 login error", str(exc)))
+            client.close()
+            return exc.args[0].decode("utf-8", "replace")
+
     def client(self, port: int | str = "imap", timeout: float = 30) -> Client:
-        port = {"imap": self.proxy.imap_port, "smtp": self.proxy.smtp_port}.get(port, port)
+        port = {"imap": self.proxy.imap_port, "smtp": self.proxy.smtp_port, "pop3": self.proxy.pop3_port}.get(port, port)
         client = Client(int(port), timeout)
         self.clients.append(client)
         return client
@@ -163,7 +179,7 @@ def wait_listening(port: int, timeout: float = 10) -> None:
 
 
 class Client:
-    """A raw TCP client for IMAP or SMTP that keeps every byte it received."""
+    """A raw TCP client for IMAP, SMTP or POP3 that keeps every byte it received."""
 
     def __init__(self, port: int, timeout: float = 30) -> None:
         self.port = port

@@ -1,6 +1,6 @@
 """Drivers for the hostile-input suites, shared by hypothesis and atheris.
 
-Three targets, each a function of one ``bytes`` input that raises (AssertionError or the
+Four targets, each a function of one ``bytes`` input that raises (AssertionError or the
 escaped exception) when the code under test misbehaves:
 
 - ``imap``: the pre-authentication IMAP core (:class:`proxy.imap.core.ImapFront`), fed in
@@ -9,10 +9,13 @@ escaped exception) when the code under test misbehaves:
   proxy's AUTH mechanisms and relay, :class:`proxy.smtp.session.ProxySMTP`), driven through an
   in-memory transport on a private event loop, with a fake token broker (one account, one
   password) and a fake upstream that accepts everything;
+- ``pop3``: the pre-authentication POP3 core (:class:`proxy.pop3.core.Pop3Front`), fed in
+  chunks or line by line (then each command line must get exactly one reply, or start a login);
 - ``sasl``: the SASL decoders (:mod:`proxy.sasl`).
 
 Properties checked on every input: no exception escapes; every reply line is well formed
-(IMAP ``tag SP text CRLF`` in printable ASCII; SMTP ``ddd[ -]text CRLF``, one code per reply);
+(IMAP ``tag SP text CRLF`` in printable ASCII; SMTP ``ddd[ -]text CRLF``, one code per reply;
+POP3 ``+OK``/``-ERR`` lines, ``+ `` and dot-terminated lists);
 nothing follows a close; the bytes held per connection stay under a fixed bound.
 
 As a fuzzer: ``python -m tests.fuzz_targets TARGET [libFuzzer options] [corpus dirs]``,
@@ -75,6 +78,75 @@ def imap_input(data: bytes) -> None:
             assert front.buffered <= bound, (front.buffered, bound)
     end = front.receive_data(b"")
     assert all(isinstance(e, Close) for e in end) and front.state is State.CLOSED
+
+
+# ------------------------------------------------------------------------------- POP3
+POP3_LIMITS = dict(max_line=64, max_errors=6, max_login_failures=3)
+# A status line, the SASL continuation, or a multi-line answer (CAPA, bare AUTH) ending in ".".
+POP3_REPLY = re.compile(rb"(\+OK|-ERR)( [\x20-\x7e]*)?\r\n|\+ \r\n"
+                        rb"|\+OK[\x20-\x7e]*\r\n(?:[\x20-\x2d\x2f-\x7e][\x20-\x7e]*\r\n)*\.\r\n")
+
+
+def pop3_input(data: bytes) -> None:
+    """Feed ``data[2:]`` to a Pop3Front in chunks of ``data[1]`` bytes (0: one line at a time, and
+    then every line must get exactly one reply or start one login); ``data[0]`` holds options."""
+    from proxy.pop3.core import Pop3Front, State
+
+    flags = data[0] if data else 0
+    size = data[1] if len(data) > 1 else 0
+    stream = data[2:]
+    front = Pop3Front(starttls=bool(flags & 1), login_requires_tls=bool(flags & 2), tls_active=bool(flags & 8),
+                      **POP3_LIMITS)
+    if size:
+        chunks = [stream[i:i + size] for i in range(0, len(stream), size)]
+    else:
+        chunks = stream.splitlines(keepends=True)
+    pop3_replies(front, chunks, succeed=bool(flags & 4), one_per_line=not size)
+
+
+def pop3_replies(front, chunks: list[bytes], *, succeed: bool = False, one_per_line: bool = False) -> list[bytes]:
+    """Run ``chunks`` through ``front`` (logins fail, or the first succeeds), checking the properties;
+    returns the replies."""
+    from proxy.pop3.core import Close, Login, Send, StartTLS, State
+
+    bound = POP3_LIMITS["max_line"] + 2
+    replies: list[bytes] = []
+    for chunk in chunks:
+        parsing = front.state in (State.AUTHORIZATION, State.AUTH_CONTINUE)
+        events = front.receive_data(chunk)
+        if one_per_line and parsing and chunk.endswith(b"\n"):
+            answers = [e for e in events if isinstance(e, (Send, Login))]
+            assert len(answers) == 1, (chunk, events)  # one reply per command, or its login
+        i = 0
+        while i < len(events):
+            event = events[i]
+            if isinstance(event, Send):
+                assert POP3_REPLY.fullmatch(event.data), event.data
+                replies.append(event.data)
+            elif isinstance(event, Login):
+                assert event.tag == "" and event.username and event.password
+                assert not set(event.password) & set("\0\r\n") and not set(event.username) & set("\0\r\n")
+                if succeed:
+                    reply = front.login_succeeded("Logged in\r\n-ERR")
+                    assert POP3_REPLY.fullmatch(reply), reply
+                    front.take_pending()
+                    return replies + [reply]  # from here on the bytes are relayed, not parsed
+                events += front.login_failed("AUTH", "wrong \r\n [password]")
+            elif isinstance(event, (Close, StartTLS)):
+                assert i == len(events) - 1, events  # nothing may follow
+                if isinstance(event, Close):
+                    assert front.state is State.CLOSED
+                    assert front.receive_data(b"more\r\n") == []
+                    return replies
+                front.tls_started()
+            else:
+                raise AssertionError(f"unexpected event {event!r}")
+            i += 1
+        if front.state in (State.AUTHORIZATION, State.AUTH_CONTINUE):
+            assert front.buffered <= bound + len(chunk), (front.buffered, bound)
+    end = front.receive_data(b"")
+    assert all(isinstance(e, Close) for e in end) and front.state is State.CLOSED
+    return replies
 
 
 # ------------------------------------------------------------------------------- SASL
@@ -387,7 +459,7 @@ def smtp_input(data: bytes) -> None:
     _loop.run_until_complete(smtp_session(chunks, each_line_answered=not size))
 
 
-TARGETS = {"imap": imap_input, "sasl": sasl_input, "smtp": smtp_input}
+TARGETS = {"imap": imap_input, "sasl": sasl_input, "smtp": smtp_input, "pop3": pop3_input}
 
 
 # ------------------------------------------------------------------------------- seeds
@@ -419,6 +491,14 @@ SEEDS: dict[str, list[bytes]] = {
         + b"x" * 400 + b"\r\n.\r\nQUIT\r\n",
         b"\x00EHLO x\r\n\x00\xff\x1b[31m\r\nFOO\rBAR\r\n" + b"A" * 400 + b"\r\nQUIT now\r\nQUIT\r\n",
     ],
+    "pop3": [
+        b"\x00\x00CAPA\r\nUSER alice\r\nPASS p w\r\nSTAT\r\n",
+        b"\x04\x05AUTH\r\nAUTH PLAIN\r\n" + _b64(b"\0alice\0pw") + b"\r\nRETR 1\r\n",
+        b"\x00\x00AUTH PLAIN " + _b64(b"x\0alice\0pw") + b"\r\nAUTH PLAIN\r\n*\r\nAUTH PLAIN =\r\nQUIT\r\n",
+        b"\x01\x00USER a\r\nSTLS\r\nPASS injected\r\nCAPA\r\n",
+        b"\x03\x00USER a\r\nPASS b\r\nAUTH PLAIN\r\nSTLS\r\nUSER a\r\nPASS b\r\n",
+        b"\x00\x07APOP a b\r\nNOOP\r\nUSER \xff\r\nPASS\r\n" + b"x" * 70 + b"\r\n",
+    ],
     "sasl": [_PLAIN, _b64(b"a\0b\0c"), _b64(b"pw"), b"=", b"*", b"AGFsaWNlAHB3\r\n",
              _b64(b'{"status":"401","schemes":"bearer","scope":"mail"}'), b"eyJzdGF0dXMiOiI0MDAifQ"],
 }
@@ -428,6 +508,8 @@ DICTIONARY: dict[str, list[bytes]] = {
     "smtp": [b"EHLO ", b"HELO ", b"AUTH ", b"PLAIN", b"LOGIN", b"MAIL FROM:<", b"RCPT TO:<", b"DATA", b"RSET",
              b"NOOP", b"QUIT", b"\r\n", b"\r\n.\r\n", b"*", b"=", _PLAIN, b"SIZE=", b"BODY=8BITMIME"],
     "sasl": [b"=", b"==", b"\x00", b"\x01", b"auth=Bearer ", b"user="],
+    "pop3": [b"USER ", b"PASS ", b"AUTH", b" PLAIN", b"CAPA", b"STLS", b"QUIT", b"APOP", b"STAT", b"RETR 1",
+             b"\r\n", b"*", b"=", _PLAIN],
 }
 
 
@@ -453,7 +535,8 @@ def main() -> None:
     target = sys.argv[1]
     # Coverage feedback from the code under test only (instrumenting the standard library's email
     # package, which aiosmtpd imports, would cost seconds of start-up for nothing).
-    modules = {"imap": ["proxy.imap.core"], "sasl": ["proxy.sasl"], "smtp": ["aiosmtpd.smtp", "proxy.smtp.session"]}
+    modules = {"imap": ["proxy.imap.core"], "sasl": ["proxy.sasl"], "smtp": ["aiosmtpd.smtp", "proxy.smtp.session"],
+               "pop3": ["proxy.pop3.core", "proxy.lines"]}
     with atheris.instrument_imports(include=["proxy", "aiosmtpd"]):
         for module in modules[target]:
             __import__(module)

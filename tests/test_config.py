@@ -200,3 +200,72 @@ def test_errors_from_environment_variables_name_the_variable(tmp_path):
     path.write_text(yaml.safe_dump({**BASE, "limits": {"login_timeout": "fast"}}))
     with pytest.raises(ConfigError, match=r"^limits\.login_timeout: expected a number"):
         load_config(path, {})
+
+
+# ------------------------------------------------------------------ pop3 (optional section)
+IMAP_SMTP_SCOPES = ("https://outlook.office.com/IMAP.AccessAsUser.All", "https://outlook.office.com/SMTP.Send",
+                    "offline_access")
+POP = "https://outlook.office.com/POP.AccessAsUser.All"
+
+
+def test_no_pop3_section_no_pop3_listener_and_no_pop_scope(tmp_path):
+    config = parse(BASE, tmp_path)
+    assert config.pop3 is None and config.identity.scopes == IMAP_SMTP_SCOPES
+
+
+@pytest.mark.parametrize("section", [None, {}, {"listen": "127.0.0.1:1110"}])
+def test_pop3_defaults_and_the_pop_scope(section, tmp_path):
+    config = parse({**BASE, "pop3": section}, tmp_path)   # even an empty "pop3:" turns it on
+    assert (str(config.pop3.listen), str(config.pop3.upstream)) == ("127.0.0.1:1110", "outlook.office365.com:995")
+    assert config.pop3.upstream_tls == "implicit" and config.pop3.tls_listen is None
+    assert config.identity.scopes == (*IMAP_SMTP_SCOPES[:2], POP, "offline_access")
+    assert config.identity.msal_scopes == [*IMAP_SMTP_SCOPES[:2], POP]
+    assert config.identity.app_only is None                # app-only: POP.AccessAsApp comes with .default
+
+
+def test_pop3_settings_and_tls_listeners(tmp_path):
+    from proxy.certs import create_local_certs
+    certs, _ = create_local_certs(tmp_path / "certs")
+    tls = {"cert_file": str(certs.cert_file), "key_file": str(certs.key_file)}
+    config = parse({**BASE, "tls": tls, "pop3": {"listen": "0.0.0.0:1110", "starttls": "required",
+                                                 "tls_listen": "0.0.0.0:1995", "upstream": "pop.example:995",
+                                                 "ca_file": str(certs.cert_file)}}, tmp_path)
+    assert config.pop3.starttls == "required" and config.pop3.tls_listen.port == 1995
+    assert not config.pop3.plaintext_exposed and config.pop3.ca_file == certs.cert_file
+
+
+@pytest.mark.parametrize("patch, key", [
+    ({"pop3": {"listen": "0.0.0.0:1110"}}, "pop3.listen: 0.0.0.0:1110 is not a loopback address"),
+    ({"pop3": {"listen": "127.0.0.1:1143"}}, "pop3.listen: 127.0.0.1:1143 is already imap.listen"),
+    ({"pop3": {"upstream_tls": "starttls"}}, "pop3.upstream_tls: expected one of implicit"),
+    ({"pop3": {"starttls": True}}, "tls: pop3 offers TLS"),
+    ({"pop3": {"tls_listen": "127.0.0.1:1995"}}, "tls: pop3 offers TLS"),
+    ({"pop3": {"lisen": "127.0.0.1:1110"}}, "pop3.lisen: unknown key"),
+    ({"pop3": {"ca_file": "missing.pem"}}, "pop3.ca_file: file not found"),
+    ({"pop3": "yes"}, "pop3: expected a mapping"),
+    ({"pop3": {}, "identity": {**BASE["identity"], "scopes": list(IMAP_SMTP_SCOPES)}},
+     "identity.scopes: the pop3 section needs https://outlook.office.com/POP.AccessAsUser.All"),
+])
+def test_pop3_errors_name_the_key(patch, key, tmp_path):
+    with pytest.raises(ConfigError) as info:
+        parse({**BASE, **patch}, tmp_path)
+    assert key in str(info.value)
+
+
+def test_explicit_scopes_with_pop_and_app_only_accounts(tmp_path):
+    scopes = [*IMAP_SMTP_SCOPES[:2], "https://outlook.office365.com/POP.AccessAsUser.All", "offline_access"]
+    config = parse({**BASE, "pop3": {}, "identity": {**BASE["identity"], "scopes": scopes}}, tmp_path)
+    assert config.identity.scopes == tuple(scopes)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("s3cret")
+    app_only = {**BASE, "pop3": {}, "accounts": [{"username": "robot@firm.de", "flow": "client_credentials"}],
+                "identity": {"authority": f"{MS}/{TENANT_ID}", "client_id": BASE["identity"]["client_id"],
+                             "scopes": list(IMAP_SMTP_SCOPES),  # not used by app-only accounts: no error
+                             "app_only": {"client_secret_file": str(secret)}}}
+    assert parse(app_only, tmp_path).pop3 is not None
+
+
+def test_pop3_from_the_environment(tmp_path):
+    from proxy.config import apply_env_overrides
+    data = apply_env_overrides(BASE, {"PROXY_POP3_LISTEN": "127.0.0.1:2110"})
+    assert str(parse(data, tmp_path).pop3.listen) == "127.0.0.1:2110"

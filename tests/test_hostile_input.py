@@ -1,9 +1,10 @@
 """Hostile input before authentication: property tests (hypothesis) and a bounded fuzzer run (atheris)
-over the IMAP core, the SMTP front (aiosmtpd with the proxy's AUTH, in memory) and the SASL decoders.
+over the IMAP and POP3 cores, the SMTP front (aiosmtpd with the proxy's AUTH, in memory) and the SASL
+decoders.
 
 The drivers and the properties they check live in tests/fuzz_targets.py: no exception escapes,
 every reply line is well formed, each command line gets a reply, memory per connection is
-bounded. The IMAP core's own property tests are in tests/test_imap_core.py."""
+bounded. The IMAP and POP3 cores' own tests are in tests/test_imap_core.py and tests/test_pop3_core.py."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from hypothesis import strategies as st
 
 from proxy.smtp.session import ProxySMTP
 from tests import fuzz_targets
-from tests.fuzz_targets import SMTP_PASSWORD, SMTP_USER, imap_input, sasl_input, smtp_session
+from tests.fuzz_targets import SMTP_PASSWORD, SMTP_USER, imap_input, pop3_input, sasl_input, smtp_session
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -168,11 +169,31 @@ def test_fuzz_smtp_any_chunking(lines: list[bytes], size: int) -> None:
     run_smtp([stream[i:i + size] for i in range(0, len(stream), size)])
 
 
-# ------------------------------------------------------------------ IMAP and SASL: the fuzz drivers
+# ------------------------------------------------------------------ IMAP, POP3 and SASL: the fuzz drivers
 @settings(max_examples=300, deadline=None)
 @given(data=st.binary(max_size=400) | st.sampled_from(fuzz_targets.SEEDS["imap"]))
 def test_fuzz_imap_driver(data: bytes) -> None:
     imap_input(data)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=400) | st.sampled_from(fuzz_targets.SEEDS["pop3"]))
+def test_fuzz_pop3_driver(data: bytes) -> None:
+    pop3_input(data)
+
+
+def test_pop3_hostile_transcript() -> None:
+    """Credentials in odd places, controls, a flood: one reply per line, and nothing of it echoed."""
+    password = b"correct horse battery"
+    stream = (b"USER alice\x00\r\nUSER \x1b[2Jalice\r\nPASS " + password + b"\r\nPASS " + password
+              + b"\r\nAUTH PLAIN " + b64(b"\0alice\0" + password) + b"!\r\nAUTH " + password + b"\r\n"
+              + password + b"\r\n")
+    from proxy.pop3.core import Pop3Front
+    from tests.fuzz_targets import POP3_LIMITS, pop3_replies
+    replies = pop3_replies(Pop3Front(**{**POP3_LIMITS, "max_line": 200}), stream.splitlines(keepends=True),
+                           one_per_line=True)
+    assert all(password not in reply and b64(password) not in reply for reply in replies), replies
+    pop3_input(b"\x00\x00" + stream + b"\r\n" * 20)
 
 
 @settings(max_examples=300, deadline=None)
@@ -191,6 +212,8 @@ def test_seeds_pass_the_drivers() -> None:
         sasl_input(seed)
     for seed in fuzz_targets.SEEDS["smtp"]:
         fuzz_targets.smtp_input(seed)
+    for seed in fuzz_targets.SEEDS["pop3"]:
+        pop3_input(seed)
 
 
 # ------------------------------------------------------------------ atheris, for a bounded time
@@ -201,7 +224,7 @@ FUZZ_SECONDS = int(os.environ.get("FUZZ_SECONDS", "20"))
 @pytest.mark.skipif(not sys.platform.startswith("linux") or platform.machine() != "x86_64",
                     reason="atheris ships wheels for Linux x86-64 only")
 def test_atheris_fuzzers_find_nothing(tmp_path: Path) -> None:
-    """Each target runs FUZZ_SECONDS (default 20) under libFuzzer, the three side by side; a crash,
+    """Each target runs FUZZ_SECONDS (default 20) under libFuzzer, the four side by side; a crash,
     a timeout (10 s for one input) or more than 1 GiB of memory fails the test with the input."""
     try:
         import atheris  # noqa: F401

@@ -1,11 +1,11 @@
 """No secret in any output: access tokens, refresh tokens, the client secret and local passwords (right or
-wrong, as such or base64-encoded as in AUTH PLAIN/LOGIN and XOAUTH2) never appear in the proxy's log
+wrong, as such or base64-encoded as in AUTH PLAIN/LOGIN, POP3 PASS and XOAUTH2) never appear in the proxy's log
 at DEBUG, in what `proxy authorize` prints, in any reply a client gets, in a crash report (a logged
 traceback), or in clear in a token file.
 
 The fault scenarios of tests/test_faults.py are checked the same way after each test (their
 ``beds`` fixture); here one proxy with a confidential app registration (so a client secret is
-sent on every refresh) goes through the ordinary and the unusual: logins over both protocols,
+sent on every refresh) goes through the ordinary and the unusual: logins over all three protocols,
 wrong and malformed credentials, refreshes, throttling, a provider error, a revoked
 authorization and a new sign-in, a corrupt token file, and a stop."""
 
@@ -23,11 +23,12 @@ import pytest
 
 from proxy.config import parse_config
 from proxy.imap.server import ImapProxy
+from proxy.pop3.server import Pop3Proxy
 from proxy.logs import register_secret, setup_logging
 from proxy.tls import client_context
 from tests import fuzz_targets
 from tests.faultbed import Bed, leaks
-from tests.harness import free_port
+from tests.harness import free_port, pop3_section
 
 
 def b64(text: str | bytes) -> bytes:
@@ -44,7 +45,7 @@ def test_no_secret_in_any_output_through_everything(tmp_path, idp_reset, pki, do
     kim_password, lou_password = "Kanzlei-Passwort " + secrets.token_hex(4), "lou's p@ss " + secrets.token_hex(4)
     bed = Bed(tmp_path / "bed", idp_reset, pki, dovecot, [kim, lou],
               identity={"client_id": client_id, "client_secret": client_secret},
-              limits={"login_timeout": 4, "shutdown_grace": 1})
+              limits={"login_timeout": 4, "shutdown_grace": 1}, pop3=pop3_section(dovecot, pki))
     try:
         bed.authorize(kim, kim_password, extra_args=("--port", str(port)))
         idp_reset.set_access_token_lifetime(3)          # lou's tokens are refreshed every ~2 s
@@ -74,6 +75,14 @@ def test_no_secret_in_any_output_through_everything(tmp_path, idp_reset, pki, do
         smtp.send(b"Subject: sent\r\n\r\nhi\r\n.\r\nQUIT\r\n")
         smtp.until(b"221 ")
         assert len(sink.wait_for_messages(1)) == 1
+        pop = bed.client("pop3")
+        pop.line()
+        pop.send(f"USER {kim}\r\nPASS {kim_password}\r\nSTAT\r\nRETR 1\r\nQUIT\r\n".encode())
+        pop.until(b"+OK Logging out")
+        pop = bed.client("pop3")
+        pop.line()
+        pop.send(b"AUTH PLAIN " + b64(f"\0{lou}\0{lou_password}") + b"\r\nQUIT\r\n")
+        pop.until(b"+OK Logging out")
 
         # wrong and malformed credentials, the password in odd places
         for password in (kim_password + "x", kim_password[:-1], "Kanzlei-Passwort"):
@@ -91,6 +100,13 @@ def test_no_secret_in_any_output_through_everything(tmp_path, idp_reset, pki, do
                      + b"\r\nAUTH PLAIN " + b64(f"\0{kim}\0{kim_password}\0") + b"\r\nQUIT\r\n")
         hostile.until(b"221 ")
         assert bed.smtp_login(lou, lou_password + " ")[0] == 535
+        assert bed.pop3_login(kim, kim_password + "x").startswith("-ERR [AUTH]")
+        hostile = bed.client("pop3")
+        hostile.line()
+        hostile.send(f"PASS {kim_password}\r\nUSER {kim_password}\r\nAPOP {kim} {kim_password}\r\n{kim_password}\r\n"
+                     f"AUTH PLAIN {b64(chr(0) + kim + chr(0) + kim_password).decode()}!\r\nAUTH PLAIN\r\n"
+                     f"{b64(kim_password).decode()}\r\nUSER {kim}\r\nPASS {kim_password}\x00\r\nQUIT\r\n".encode())
+        hostile.until(b"+OK Bye")
 
         # refreshes with the client secret, throttled once, then a provider error
         assert bed.imap_login(lou, lou_password) == "OK"   # unlocked: refreshed in the background now
@@ -104,6 +120,7 @@ def test_no_secret_in_any_output_through_everything(tmp_path, idp_reset, pki, do
         idp_reset.revoke(kim)
         idp_reset.expire_access_tokens()
         assert "proxy authorize" in bed.imap_login(kim, kim_password)
+        assert "proxy authorize" in bed.pop3_login(kim, kim_password)
         assert bed.smtp_login(kim, kim_password)[0] == 535
         bed.authorize(kim, kim_password, extra_args=("--port", str(port)))
         open_session = bed.client("imap")             # stays open until the proxy stops
@@ -115,6 +132,7 @@ def test_no_secret_in_any_output_through_everything(tmp_path, idp_reset, pki, do
         idp_reset.expire_access_tokens()
         idp_reset.set_fault("500")
         assert "UNAVAILABLE" in bed.imap_login(lou, lou_password)
+        assert bed.pop3_login(lou, lou_password).startswith("-ERR [SYS/TEMP]")
         idp_reset.clear_faults()
 
         # a corrupt token file, then a stop (SIGTERM) with a session open
@@ -165,20 +183,24 @@ def test_smtp_crash_report_is_redacted(debug_log) -> None:
     assert [code for code, _ in run.replies()] == [220, 250, 451, 221] and token.encode() not in run.output
 
 
-def test_imap_crash_report_is_redacted(debug_log, tmp_path) -> None:
+@pytest.mark.parametrize("front", [ImapProxy, Pop3Proxy])
+def test_imap_and_pop3_crash_reports_are_redacted(debug_log, tmp_path, front) -> None:
     token = "EwB" + secrets.token_urlsafe(60)
     register_secret(token)
     config = parse_config({"identity": {"authority": "https://127.0.0.1:1/t", "client_id": "c"},
                            "imap": {"listen": f"127.0.0.1:{free_port()}", "upstream": "127.0.0.1:1"},
                            "smtp": {"listen": f"127.0.0.1:{free_port()}", "upstream": "127.0.0.1:2"},
+                           "pop3": {"listen": f"127.0.0.1:{free_port()}", "upstream": "127.0.0.1:3"},
                            "accounts": [{"username": fuzz_targets.SMTP_USER}]}, base_dir=tmp_path)
+    login = (f'a LOGIN {fuzz_targets.SMTP_USER} "{fuzz_targets.SMTP_PASSWORD}"\r\n' if front is ImapProxy else
+             f"USER {fuzz_targets.SMTP_USER}\r\nPASS {fuzz_targets.SMTP_PASSWORD}\r\n")
 
     async def scenario() -> bytes:
-        proxy = ImapProxy(config, _BuggyBroker(token), upstream_tls=client_context())
+        proxy = front(config, _BuggyBroker(token), upstream_tls=client_context())
         await proxy.start()
         try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", config.imap.listen.port)
-            writer.write(f'a LOGIN {fuzz_targets.SMTP_USER} "{fuzz_targets.SMTP_PASSWORD}"\r\n'.encode())
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.settings.listen.port)
+            writer.write(login.encode())
             received = await asyncio.wait_for(reader.read(), 10)   # the session fails: the connection closes
             writer.close()
             return received
@@ -189,7 +211,7 @@ def test_imap_crash_report_is_redacted(debug_log, tmp_path) -> None:
     output = debug_log.getvalue()
     assert "session failed" in output and "Traceback" in output and "RuntimeError" in output
     assert token not in output and "[redacted]" in output
-    assert received.startswith(b"* OK") and token.encode() not in received
+    assert received.startswith(b"* OK" if front is ImapProxy else b"+OK") and token.encode() not in received
     assert fuzz_targets.SMTP_PASSWORD not in output
 
 

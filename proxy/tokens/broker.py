@@ -274,6 +274,9 @@ class TokenBroker:
         state.granted_scope = result.get("scope") or state.granted_scope
         state.backoff, state.failed_at = 0.0, 0.0
         log.info("account %s: access token refreshed (valid %.0f s)", name, lifetime)
+        if result.get("scopes_not_granted"):
+            log.warning("account %s: not authorized for %s yet (no consent): IMAP and SMTP go on; run `proxy "
+                        "authorize %s` to add it", name, " ".join(result["scopes_not_granted"]), name)
         METRICS.token_refreshes.labels("ok").inc()
         await self._persist(state)
         return token

@@ -17,7 +17,7 @@ from typing import Any
 import msal
 import requests
 
-from ..config import IdentityConfig
+from ..config import POP_SCOPE, IdentityConfig
 from ..hints import shorten
 from ..webproxy import WebProxy
 from ..logs import register_secret
@@ -25,6 +25,11 @@ from .errors import TokenError
 
 # msal error codes after which only a new browser sign-in helps.
 REAUTHORIZE_ERRORS = frozenset({"invalid_grant", "interaction_required", "consent_required", "login_required"})
+# Scopes added to the defaults after accounts were authorized (POP, with a pop3 section): if the
+# identity provider refuses a refresh for them (the user never consented: AADSTS65001), the
+# refresh is asked again without them, so IMAP and SMTP keep working until `proxy authorize`.
+OPTIONAL_SCOPES = frozenset({POP_SCOPE.casefold()})
+_CONSENT_ERRORS = frozenset({65001, 70011})  # consent missing; scope not valid for the app
 
 
 class HttpSession(requests.Session):
@@ -102,15 +107,23 @@ def refresh_delegated(app: msal.ClientApplication, identity: IdentityConfig,
                       home_account_id: str | None) -> dict[str, Any]:
     """Blocking: redeem the refresh token in ``app``'s cache for a new access token.
 
-    Returns msal's result (with ``access_token``); raises TokenError, with ``reauthorize`` set
-    when only a new sign-in helps.
+    Returns msal's result (with ``access_token``; ``scopes_not_granted`` lists the optional
+    scopes left out because they were refused); raises TokenError, with ``reauthorize`` set when
+    only a new sign-in helps.
     """
     try:
         accounts = [a for a in app.get_accounts()
                     if a.get("home_account_id") == home_account_id] or app.get_accounts()
         if not accounts:
             raise TokenError("no account in the stored authorization", reauthorize=True)
-        result = app.acquire_token_silent_with_error(identity.msal_scopes, account=accounts[0], force_refresh=True)
+        scopes = identity.msal_scopes
+        result = app.acquire_token_silent_with_error(scopes, account=accounts[0], force_refresh=True)
+        dropped = [s for s in scopes if s.casefold() in OPTIONAL_SCOPES]
+        if result is not None and dropped and _consent_missing(result):
+            retry = app.acquire_token_silent_with_error([s for s in scopes if s not in dropped],
+                                                        account=accounts[0], force_refresh=True)
+            if retry is not None and "access_token" in retry:
+                result = dict(retry, scopes_not_granted=dropped)
     except TokenError:
         raise
     except Exception as exc:
@@ -120,6 +133,13 @@ def refresh_delegated(app: msal.ClientApplication, identity: IdentityConfig,
     if "access_token" not in result:
         raise TokenError(describe_msal_error(result), reauthorize=result.get("error") in REAUTHORIZE_ERRORS)
     return result
+
+
+def _consent_missing(result: dict[str, Any]) -> bool:
+    """The refresh was refused because a scope was never consented to (not because the grant died)."""
+    codes = result.get("error_codes") or []
+    return (bool(_CONSENT_ERRORS.intersection(c for c in codes if isinstance(c, int)))
+            or "consent_required" in (result.get("error"), result.get("suberror")))
 
 
 def fetch_app_only_token(identity: IdentityConfig, http_cache: dict | None = None) -> dict[str, Any]:
