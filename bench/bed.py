@@ -3,7 +3,7 @@
 Every peer runs in a separate process so that none of them competes with the benchmark client
 for its interpreter lock: the identity provider (``python -m tests.idp``), a discarding SMTP
 sink (``python -m bench.sink``), a Dovecot tuned for thousands of sessions (:class:`BenchDovecot`)
-and ``python -m proxy serve`` (through tests/harness.py's :class:`ProxyProcess`). The account is
+and ``python -m proxy serve`` (through tests/harness.py's :class:`ProxyProcess`), with IMAP, SMTP and POP3. The account is
 authorized with the real ``proxy authorize`` and the tests' fake browser.
 """
 
@@ -24,11 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tests.dovecot import Dovecot
-from tests.harness import ProxyProcess, authorize, free_port, wait_port, write_config
+from tests.harness import ProxyProcess, authorize, free_port, pop3_section, wait_port, write_config
 from tests.pki import TestPKI
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT_ID = "test-client"
+# The direct client's token: what `proxy authorize` gets with a pop3 section (POP3 needs its permission).
+DIRECT_SCOPES = ("https://outlook.office.com/IMAP.AccessAsUser.All https://outlook.office.com/SMTP.Send "
+                 "https://outlook.office.com/POP.AccessAsUser.All")
 
 
 def raise_fd_limit() -> int:
@@ -75,8 +78,8 @@ class IdpProcess:
         with urllib.request.urlopen(request, context=self._context, timeout=10) as response:
             return json.load(response)["result"]
 
-    def mint_access_token(self, user: str, lifetime: int = 7200) -> str:
-        return self.control("mint_access_token", user=user, lifetime=lifetime)
+    def mint_access_token(self, user: str, lifetime: int = 7200, scope: str = DIRECT_SCOPES) -> str:
+        return self.control("mint_access_token", user=user, lifetime=lifetime, scope=scope)
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -200,7 +203,7 @@ class Bed:
         self.dovecot.start()
         self.config_path = write_config(
             self.workdir / "proxy", idp=self.idp, pki=self.idp.pki, dovecot=self.dovecot,
-            accounts=[self.account.user],
+            accounts=[self.account.user], pop3=pop3_section(self.dovecot, self.idp.pki),
             limits={"max_connections": self.max_sessions * 2 + 1000})
         result = authorize(self.config_path, self.account.user, self.account.password, self.idp.pki)
         if result.returncode != 0:
@@ -228,6 +231,14 @@ class Bed:
     @property
     def imap_proxy(self) -> tuple[str, int]:
         return "127.0.0.1", self.proxy.imap_port
+
+    @property
+    def pop3_direct(self) -> tuple[str, int]:
+        return self.dovecot.pop3_host, self.dovecot.pop3_port
+
+    @property
+    def pop3_proxy(self) -> tuple[str, int]:
+        return "127.0.0.1", self.proxy.pop3_port
 
     @property
     def smtp_direct(self) -> tuple[str, int]:

@@ -4,6 +4,7 @@
 "direct": the benchmark client → Dovecot's IMAPS (TLS on the client) with AUTHENTICATE XOAUTH2
 and an access token it holds; "proxy": the same client → the proxy on loopback without TLS,
 LOGIN with the local password; the proxy holds the token in memory and talks IMAPS to Dovecot.
+SMTP and POP3 likewise (submission with STARTTLS, POP3S; AUTH XOAUTH2 direct).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Callable
 from bench.bed import Bed
 from bench.imap import AsyncImap, ImapError, SyncImap, Target, make_message
 from tests.harness import cpu_seconds, rss_kib
+from tests.pop3client import Pop3Client
 
 
 @dataclass
@@ -450,6 +452,55 @@ def smtp(ctx: Context) -> list[Row]:
     return [rate, big]
 
 
+# ------------------------------------------------------------------------------ 7. POP3 RETR
+def _pop3(ctx: Context, direct: bool) -> Pop3Client:
+    bed, acc = ctx.bed, ctx.bed.account
+    if direct:
+        client = Pop3Client(*bed.pop3_direct, context=bed.client_tls(), timeout=120)
+        client.login_xoauth2(acc.user, bed.direct_token)
+    else:
+        client = Pop3Client(*bed.pop3_proxy, timeout=120)
+        client.login(acc.user, acc.password)
+    return client
+
+
+def _retr_all(ctx: Context, direct: bool, count: int, pid: int | None) -> tuple[float, float]:
+    """RETR 1..count one after the other (as fetchmail and getmail do); MB/s of raw data, proxy CPU."""
+    client = _pop3(ctx, direct)
+    try:
+        cpu0 = cpu_seconds(pid) if pid else 0.0
+        started = time.perf_counter()
+        received = sum(len(client.retr(number)) for number in range(1, count + 1))
+        elapsed = time.perf_counter() - started
+        cpu = (cpu_seconds(pid) - cpu0) / elapsed if pid else 0.0
+        client.quit()
+    finally:
+        client.close()
+    if received < count * ctx.sizes.message_size:
+        raise RuntimeError(f"POP3 RETR returned {received} bytes, expected at least {count * ctx.sizes.message_size}")
+    return received / elapsed / 1e6, cpu
+
+
+def pop3(ctx: Context) -> list[Row]:
+    """The INBOX that fill() made (``messages`` × ``message_size``), fetched by POP3: direct is POP3S with
+    AUTH XOAUTH2 to Dovecot, the proxy is plain POP3 with USER/PASS on loopback."""
+    s = ctx.sizes
+    label = f"POP3 RETR {s.messages} × {s.message_size / 1e3:g} kB"
+    row = Row(label, "MB/s", target="proxy ≥ 90 % of direct", check=lambda r: r.ratio >= 0.9)
+    cpu = Row(f"  proxy CPU during {label}", "cores", note="the proxy process only; 2 cores in all")
+    for direct in (True, False):  # warm: the page cache, and Dovecot's POP3 sizes of the mailbox
+        _retr_all(ctx, direct, s.messages, None)
+    for run in range(s.runs):
+        for target in ctx.targets(run):
+            is_proxy = target is ctx.proxy
+            rate, load = _retr_all(ctx, not is_proxy, s.messages, ctx.proxy_pid if is_proxy else None)
+            getattr(row, target.name).append(rate)
+            if is_proxy:
+                cpu.proxy.append(load)
+    ctx.log(f"{label}: direct {row.median('direct'):.0f} MB/s, proxy {row.median('proxy'):.0f} MB/s")
+    return [row, cpu]
+
+
 SCENARIOS = {"fetch": fetch, "login": login_latency, "rate": login_rate, "burst": burst, "idle": idle,
-             "stall": stall, "smtp": smtp}
+             "stall": stall, "smtp": smtp, "pop3": pop3}
 

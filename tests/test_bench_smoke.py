@@ -24,6 +24,7 @@ EXPECTED = [
     ("stalled reader: proxy CPU", False), ("stalled reader: proxy RSS growth", False),
     ("stalled reader: proxy RSS above", False), ("stalled reader: bytes not yet read", False),
     ("SMTP messages/s", True), ("SMTP 0.5 MB message", True),
+    ("POP3 RETR 5 × 50 kB", True), ("proxy CPU during POP3 RETR 5 × 50 kB", False),
 ]
 
 
