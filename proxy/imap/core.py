@@ -2,8 +2,9 @@
 
 In the style of h11: :class:`ImapFront` takes the bytes a client sent and returns events
 (:class:`Send` bytes to the client, a :class:`Login` to perform, :class:`StartTLS`,
-:class:`Close`; shared with the POP3 core, :mod:`proxy.events`). The asyncio shell around it does the I/O and the actual logins, then calls
-:meth:`ImapFront.login_succeeded` or :meth:`ImapFront.login_failed`. After a successful
+:class:`Close`; shared with the POP3 core, :mod:`proxy.events`, as is the connection's life
+around the login, :mod:`proxy.prelogin`). The asyncio shell around it does the I/O and the
+actual logins, then calls :meth:`ImapFront.login_succeeded` or :meth:`ImapFront.login_failed`. After a successful
 login the core is done: :meth:`ImapFront.take_pending` hands over the bytes the client sent
 after its login command, to be forwarded upstream unchanged.
 
@@ -18,6 +19,7 @@ import enum
 from typing import Callable
 
 from ..events import Close, Event, Login, Send, StartTLS
+from ..prelogin import PreloginCore
 from ..sasl import SaslError, SaslSyntaxError, decode_plain, validate_password, validate_username
 from ..text import printable, reply_text
 from .reader import (ATOM_CHARS, TAG_CHARS, Arguments, Command, CommandReader, LiteralStart,
@@ -46,24 +48,23 @@ _LATER_COMMANDS = frozenset(
 _CONTINUE_LITERAL = b"+ Ready for literal data\r\n"
 
 
-class ImapFront:
+class ImapFront(PreloginCore):
     """One client connection's IMAP server side, up to a successful login."""
+
+    _states, _ready = State, State.NOT_AUTHENTICATED
 
     def __init__(self, *, max_line: int = 8192, max_literal: int = 8192, max_errors: int = 10,
                  max_login_failures: int = 5, starttls: bool = False, tls_active: bool = False,
                  login_requires_tls: bool = False, greeting_text: str = "IMAP proxy ready",
                  id_fields: dict[str, str] | None = None) -> None:
+        self.max_command = 4 * max_line + 2 * max_literal
+        super().__init__(CommandReader(max_line=max_line, max_literal=max_literal, max_command=self.max_command),
+                         starttls=starttls, tls_active=tls_active, login_requires_tls=login_requires_tls)
+        self._reader: CommandReader
         self.max_errors = max_errors
         self.max_login_failures = max_login_failures
-        self.starttls = starttls
-        self.tls_active = tls_active
-        self.login_requires_tls = login_requires_tls
         self.greeting_text = reply_text(greeting_text, "IMAP proxy ready")
         self.id_fields = dict(id_fields or {})
-        self.max_command = 4 * max_line + 2 * max_literal
-        self._reader = CommandReader(max_line=max_line, max_literal=max_literal,
-                                     max_command=self.max_command)
-        self._state = State.NOT_AUTHENTICATED
         self._tag = ""  # of the AUTHENTICATE or login in progress
         self.errors = 0
         self.login_failures = 0
@@ -73,16 +74,7 @@ class ImapFront:
             "AUTHENTICATE": self._authenticate,
         }
 
-    # -- public API -----------------------------------------------------------------------
-    @property
-    def state(self) -> State:
-        return self._state
-
-    @property
-    def buffered(self) -> int:
-        """Bytes held by the core (unparsed input and the partial command)."""
-        return self._reader.buffered
-
+    # -- public API (and receive_data, tls_started, take_pending: PreloginCore) -------------
     @property
     def capabilities(self) -> str:
         """The pre-login capability list, e.g. ``IMAP4rev1 LITERAL+ SASL-IR ID AUTH=PLAIN``."""
@@ -96,51 +88,21 @@ class ImapFront:
         """The server greeting, ``* OK [CAPABILITY ...] text``."""
         return f"* OK [CAPABILITY {self.capabilities}] {self.greeting_text}\r\n".encode()
 
-    def receive_data(self, data: bytes) -> list[Event]:
-        """Feed bytes from the client (``b""`` at end of stream); return the events."""
-        if self._state is State.CLOSED:
-            return []
-        if not data:
-            return self._close([], "client closed the connection")
-        if self._state is State.STARTTLS:
-            return []  # plaintext sent before the handshake: discarded
-        self._reader.feed(data)
-        if self._state in (State.AUTHENTICATING, State.DONE):
-            return []  # kept for after the login, unparsed
-        return self._process()
-
     def login_succeeded(self, capabilities: str | None, text: str = "Logged in") -> bytes:
         """The login worked: return the tagged OK (with the upstream's capabilities)."""
-        if self._state is State.CLOSED:
+        if not self._end_login(State.DONE):
             return b""
-        self._expect(State.AUTHENTICATING)
-        self._state = State.DONE
         caps = _atoms(capabilities or "")
         code = f"[CAPABILITY {caps}] " if caps else ""
         return f"{self._tag} OK {code}{reply_text(text, 'Logged in')}\r\n".encode()
 
     def login_failed(self, code: str, text: str) -> list[Event]:
         """The login failed: answer NO [code] text, then go on with any pipelined input."""
-        if self._state is State.CLOSED:
+        if not self._end_login(State.NOT_AUTHENTICATED):
             return []
-        self._expect(State.AUTHENTICATING)
-        self._state = State.NOT_AUTHENTICATED
         out: list[Event] = []
         self._fail_login(out, self._tag, code, text)
         return self._process(out)
-
-    def tls_started(self) -> None:
-        """The TLS handshake after STARTTLS completed; commands are read again."""
-        if self._state is State.CLOSED:
-            return
-        self._expect(State.STARTTLS)
-        self._reader.take_rest()
-        self.tls_active = True
-        self._state = State.NOT_AUTHENTICATED
-
-    def take_pending(self) -> bytes:
-        """After login_succeeded: the bytes received after the login command, unparsed."""
-        return self._reader.take_rest()
 
     # -- the command loop -----------------------------------------------------------------
     def _process(self, out: list[Event] | None = None) -> list[Event]:
@@ -241,8 +203,7 @@ class ImapFront:
             return
         _reply(out, tag, "OK Begin TLS negotiation now")
         out.append(StartTLS())
-        self._state = State.STARTTLS
-        self._reader.take_rest()  # anything sent before the handshake is injected: drop it
+        self._start_tls()
 
     def _login(self, tag: str, args: Arguments, out: list[Event]) -> None:
         args.space()
@@ -300,14 +261,6 @@ class ImapFront:
         self._emit_login(out, tag, creds.authcid, creds.password, creds.authzid, "PLAIN")
 
     # -- helpers --------------------------------------------------------------------------
-    @property
-    def _starttls_offered(self) -> bool:
-        return self.starttls and not self.tls_active
-
-    @property
-    def _login_disabled(self) -> bool:
-        return self.login_requires_tls and not self.tls_active
-
     def _emit_login(self, out: list[Event], tag: str, user: str, password: str, authzid: str,
                     mechanism: str) -> None:
         self._tag = tag
@@ -336,10 +289,6 @@ class ImapFront:
         self._reader.take_rest()
         self._reader.abandon()
         return out
-
-    def _expect(self, state: State) -> None:
-        if self._state is not state:
-            raise RuntimeError(f"not allowed while {self._state.value}")
 
 
 def _reply(out: list[Event], tag: str, text: str) -> None:

@@ -21,6 +21,7 @@ from typing import Callable
 
 from ..events import Close, Event, Login, Send, StartTLS
 from ..lines import LineReader, LineTooLong
+from ..prelogin import PreloginCore
 from ..sasl import SaslError, SaslSyntaxError, decode_plain, validate_password, validate_username
 from ..text import reply_text
 
@@ -43,20 +44,19 @@ _LATER_COMMANDS = frozenset("STAT LIST RETR DELE NOOP RSET TOP UIDL LAST".split(
 _RESPONSE_CODE_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-/")
 
 
-class Pop3Front:
+class Pop3Front(PreloginCore):
     """One client connection's POP3 server side, up to a successful login."""
+
+    _states, _ready = State, State.AUTHORIZATION
 
     def __init__(self, *, max_line: int = 8192, max_errors: int = 10, max_login_failures: int = 5,
                  starttls: bool = False, tls_active: bool = False, login_requires_tls: bool = False,
                  greeting_text: str = "POP3 proxy ready") -> None:
+        super().__init__(LineReader(max_line=max_line), starttls=starttls, tls_active=tls_active,
+                         login_requires_tls=login_requires_tls)
         self.max_errors = max_errors
         self.max_login_failures = max_login_failures
-        self.starttls = starttls
-        self.tls_active = tls_active
-        self.login_requires_tls = login_requires_tls
         self.greeting_text = reply_text(greeting_text, "POP3 proxy ready")
-        self._reader = LineReader(max_line=max_line)
-        self._state = State.AUTHORIZATION
         self._user: str | None = None  # from USER, until PASS (or STLS) uses it up
         self.errors = 0
         self.login_failures = 0
@@ -65,16 +65,7 @@ class Pop3Front:
             "STLS": self._stls, "QUIT": self._quit, "APOP": self._apop,
         }
 
-    # -- public API -----------------------------------------------------------------------
-    @property
-    def state(self) -> State:
-        return self._state
-
-    @property
-    def buffered(self) -> int:
-        """Bytes held by the core (unparsed input)."""
-        return self._reader.buffered
-
+    # -- public API (and receive_data, tls_started, take_pending: PreloginCore) -------------
     @property
     def capabilities(self) -> list[str]:
         """The CAPA lines before login (RFC 2449). No PIPELINING: the upstream's is unknown."""
@@ -89,50 +80,19 @@ class Pop3Front:
     def greeting(self) -> bytes:
         return f"+OK {self.greeting_text}\r\n".encode()
 
-    def receive_data(self, data: bytes) -> list[Event]:
-        """Feed bytes from the client (``b""`` at end of stream); return the events."""
-        if self._state is State.CLOSED:
-            return []
-        if not data:
-            return self._close([], "client closed the connection")
-        if self._state is State.STARTTLS:
-            return []  # plaintext sent before the handshake: discarded
-        self._reader.feed(data)
-        if self._state in (State.AUTHENTICATING, State.DONE):
-            return []  # kept for after the login, unparsed
-        return self._process()
-
     def login_succeeded(self, text: str | None = None) -> bytes:
         """The login worked: return the ``+OK`` for the client."""
-        if self._state is State.CLOSED:
+        if not self._end_login(State.DONE):
             return b""
-        self._expect(State.AUTHENTICATING)
-        self._state = State.DONE
         return f"+OK {reply_text(text or '', 'Logged in')}\r\n".encode()
 
     def login_failed(self, code: str, text: str) -> list[Event]:
         """The login failed: answer ``-ERR [code] text``, then go on with any pipelined input."""
-        if self._state is State.CLOSED:
+        if not self._end_login(State.AUTHORIZATION):
             return []
-        self._expect(State.AUTHENTICATING)
-        self._state = State.AUTHORIZATION
         out: list[Event] = []
         self._fail_login(out, code, text)
         return self._process(out)
-
-    def tls_started(self) -> None:
-        """The TLS handshake after STLS completed; commands are read again (USER is forgotten)."""
-        if self._state is State.CLOSED:
-            return
-        self._expect(State.STARTTLS)
-        self._reader.take_rest()
-        self.tls_active = True
-        self._user = None
-        self._state = State.AUTHORIZATION
-
-    def take_pending(self) -> bytes:
-        """After login_succeeded: the bytes received after the login command, unparsed."""
-        return self._reader.take_rest()
 
     # -- the command loop -----------------------------------------------------------------
     def _process(self, out: list[Event] | None = None) -> list[Event]:
@@ -184,8 +144,8 @@ class Pop3Front:
             return
         _reply(out, "+OK Begin TLS negotiation now")
         out.append(StartTLS())
-        self._state = State.STARTTLS
-        self._reader.take_rest()  # anything sent before the handshake is injected: drop it
+        self._start_tls()
+        self._user = None  # a USER from before TLS does not count after it
 
     def _user_command(self, argument: bytes | None, out: list[Event]) -> None:
         if self._login_disabled:
@@ -247,14 +207,6 @@ class Pop3Front:
         self._emit_login(out, creds.authcid, creds.password, creds.authzid, "PLAIN")
 
     # -- helpers --------------------------------------------------------------------------
-    @property
-    def _starttls_offered(self) -> bool:
-        return self.starttls and not self.tls_active
-
-    @property
-    def _login_disabled(self) -> bool:
-        return self.login_requires_tls and not self.tls_active
-
     def _emit_login(self, out: list[Event], user: str, password: str, authzid: str, mechanism: str) -> None:
         self._state = State.AUTHENTICATING
         out.append(Login("", user, password, authzid, mechanism))
@@ -284,10 +236,6 @@ class Pop3Front:
         self._state = State.CLOSED
         self._reader.take_rest()
         return out
-
-    def _expect(self, state: State) -> None:
-        if self._state is not state:
-            raise RuntimeError(f"not allowed while {self._state.value}")
 
 
 def _reply(out: list[Event], text: str) -> None:
