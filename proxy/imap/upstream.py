@@ -12,12 +12,10 @@ import ssl
 from dataclasses import dataclass
 
 from ..config import Address
-from ..login import TokenRejected, UpstreamError
+from ..login import TokenRejected, UpstreamError, connect_tls
 from ..relay import ConnectionClosed, Endpoint, LineTooLong
 from ..sasl import parse_xoauth2_error, xoauth2_initial_response
 from ..text import server_text
-from ..tls import describe_tls_error
-from ..tlsendpoint import open_tls
 from ..webproxy import WebProxy
 
 MAX_RESPONSE = 64 * 1024
@@ -42,12 +40,7 @@ class Connection:
 async def connect(address: Address, context: ssl.SSLContext, *, via: WebProxy | None = None) -> Connection:
     """Open the TLS connection (through the web proxy ``via``, if given) and read the greeting
     (and capabilities)."""
-    try:  # TLS through memory BIOs: asyncio's own TLS costs 256 KiB per idle session (tlsendpoint.py)
-        endpoint = await open_tls(address.host, address.port, context, via=via)
-    except ssl.SSLError as exc:
-        raise UpstreamError(f"TLS handshake with {address} failed: {describe_tls_error(exc)}") from None
-    except OSError as exc:
-        raise UpstreamError(f"cannot connect to {address} ({exc.strerror or exc.__class__.__name__})") from None
+    endpoint = await connect_tls(address, context, via=via)
     conn = Connection(endpoint, [])
     try:
         greeting = await read_response(endpoint)
