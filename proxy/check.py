@@ -268,15 +268,10 @@ async def _check_imap(config: Config, report: Report, account: AccountConfig | N
         report.fail(what, str(exc) or "no greeting in time", _reach_hint(address, "imap", config.imap))
         return
     try:
-        if "AUTH=XOAUTH2" not in {c.upper() for c in conn.capabilities}:
-            report.fail(what, "does not offer AUTH=XOAUTH2", "check imap.upstream (outlook.office365.com:993)")
-            return
-        report.ok(what, "TLS certificate verified; offers AUTH=XOAUTH2")
-        if account is None:
-            return
-        if await _probe_login(report, "IMAP", account, token, timeout,
-                              lambda: imap_upstream.authenticate(conn, account.mailbox, token),
-                              lambda exc, app_only: imap_refused_hint(account.mailbox, account.owner, app_only)):
+        offered = "AUTH=XOAUTH2" in {c.upper() for c in conn.capabilities}
+        if await _offers_and_accepts(report, "IMAP", address, offered, "AUTH=XOAUTH2", account, token, timeout,
+                                     lambda: imap_upstream.authenticate(conn, account.mailbox, token),
+                                     lambda exc, app_only: imap_refused_hint(account.mailbox, account.owner, app_only)):
             conn.endpoint.write(b"Z LOGOUT\r\n")
     finally:
         conn.close()
@@ -312,6 +307,23 @@ async def _check_smtp(config: Config, report: Report, account: AccountConfig | N
             await asyncio.wait_for(asyncio.shield(conn.endpoint.closed), 1.5)
         except asyncio.TimeoutError:
             conn.abort()
+
+
+async def _offers_and_accepts(report: Report, protocol: str, address, offered: bool, mechanism: str,
+                              account: AccountConfig | None, token: str | None, timeout: float,
+                              authenticate: Callable[[], Awaitable[object]],
+                              refused_hint: Callable[[Exception, bool], str]) -> bool:
+    """Report whether the server (connected over verified TLS) offers XOAUTH2 and, with an account,
+    accepts the token; True if logged in."""
+    what = f"{protocol} {address}"
+    if not offered:
+        report.fail(what, f"does not offer {mechanism}",
+                    f"check {protocol.lower()}.upstream ({_UPSTREAM_DEFAULTS[protocol.lower()]})")
+        return False
+    report.ok(what, f"TLS certificate verified; offers {mechanism}")
+    if account is None:
+        return False
+    return await _probe_login(report, protocol, account, token, timeout, authenticate, refused_hint)
 
 
 async def _probe_login(report: Report, protocol: str, account: AccountConfig, token: str | None, timeout: float,
@@ -353,15 +365,10 @@ async def _check_pop3(config: Config, report: Report, account: AccountConfig | N
         except (UpstreamError, asyncio.TimeoutError) as exc:
             report.fail(what, f"CAPA: {exc or 'no answer in time'}", _reach_hint(address, "pop3", settings))
             return
-        if "XOAUTH2" not in {m.upper() for m in caps.get("SASL", [])}:
-            report.fail(what, "does not offer SASL XOAUTH2", "check pop3.upstream (outlook.office365.com:995)")
-            return
-        report.ok(what, "TLS certificate verified; offers SASL XOAUTH2")
-        if account is None:
-            return
-        if await _probe_login(report, "POP3", account, token, timeout,
-                              lambda: pop3_upstream.authenticate(conn, account.mailbox, token),
-                              lambda exc, app_only: pop3_refused_hint(account.mailbox, account.owner, app_only)):
+        offered = "XOAUTH2" in {m.upper() for m in caps.get("SASL", [])}
+        if await _offers_and_accepts(report, "POP3", address, offered, "SASL XOAUTH2", account, token, timeout,
+                                     lambda: pop3_upstream.authenticate(conn, account.mailbox, token),
+                                     lambda exc, app_only: pop3_refused_hint(account.mailbox, account.owner, app_only)):
             conn.endpoint.write(b"QUIT\r\n")
     finally:
         conn.close()

@@ -2,35 +2,15 @@
 
 from __future__ import annotations
 
-import base64
-
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.pop3.core import Close, Event, Login, Pop3Front, Send, StartTLS, State
+from proxy.pop3.core import Close, Login, Pop3Front, StartTLS, State
 from tests.fuzz_targets import POP3_LIMITS, pop3_input, pop3_replies
+from tests.test_imap_core import b64, feed, lines, logins  # the same helpers serve both cores
 
 PASSWORD = "p a\"s\\s wörd "
-
-
-def b64(raw: bytes) -> bytes:
-    return base64.b64encode(raw)
-
-
-def feed(front: Pop3Front, *chunks: bytes) -> list[Event]:
-    events: list[Event] = []
-    for chunk in chunks:
-        events += front.receive_data(chunk)
-    return events
-
-
-def lines(events: list[Event]) -> list[bytes]:
-    return [e.data for e in events if isinstance(e, Send)]
-
-
-def logins(events: list[Event]) -> list[Login]:
-    return [e for e in events if isinstance(e, Login)]
 
 
 # -- greeting and CAPA ----------------------------------------------------------------------
@@ -78,7 +58,8 @@ def test_user_pass_gives_a_login_with_the_password_verbatim():
     (b"USER \r\n", b"-ERR Invalid user name\r\n"),
     (b"USER a\x01b\r\n", b"-ERR Invalid user name\r\n"),
     (b"USER \xff\xfe\r\n", b"-ERR Invalid user name\r\n"),
-    (b"APOP alice 0123456789abcdef0123456789abcdef\r\n", b"-ERR APOP is not supported: use USER and PASS, or AUTH PLAIN\r\n"),
+    (b"APOP alice 0123456789abcdef0123456789abcdef\r\n",
+     b"-ERR APOP is not supported: use USER and PASS, or AUTH PLAIN\r\n"),
     (b"STAT\r\n", b"-ERR Not logged in\r\n"),
     (b"retr 1\r\n", b"-ERR Not logged in\r\n"),
     (b"NOOP\r\n", b"-ERR Not logged in\r\n"),

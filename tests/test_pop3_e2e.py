@@ -73,7 +73,8 @@ class PopBed:
 
     def __init__(self, directory: Path, idp, pki, dovecot):
         self.directory, self.idp, self.pki, self.dovecot = directory, idp, pki, dovecot
-        self.owner, self.shared, self.robot, self.box = user("pop"), user("pop-shared"), user("pop-robot"), user("akten")
+        self.owner, self.shared = user("pop"), user("pop-shared")
+        self.robot, self.box = user("pop-robot"), user("akten")
         self.link = TcpForwarder(idp.host, idp.port)
         directory.mkdir(parents=True)
         self.certs = make_certs(directory)
@@ -387,7 +388,8 @@ def test_authorization_from_before_pop3_keeps_imap_and_smtp_and_check_says_to_re
                                input=PASSWORD + "\n", capture_output=True, text=True, timeout=90, cwd=ROOT,
                                env=proxy_env(pki))
         assert check.returncode == 1, check.stdout
-        assert f"FAIL  token for {name}: POP3 permission: the token carries none of POP.AccessAsUser.All" in check.stdout
+        assert (f"FAIL  token for {name}: POP3 permission: the token carries none of POP.AccessAsUser.All"
+                in check.stdout)
         assert f"run `proxy authorize {name}` again: the authorization was probably given before POP3" in check.stdout
         assert "FAIL  token for" not in check.stdout.replace(f"FAIL  token for {name}: POP3 permission", "")
         assert re.search(r"ok    IMAP login to .*: accepted", check.stdout)

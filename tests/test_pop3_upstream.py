@@ -193,7 +193,8 @@ class Pop3UnderTest:
         config = parse_config({"identity": {"authority": "https://127.0.0.1:1/t", "client_id": "c"},
                                "imap": {"listen": f"127.0.0.1:{free_port()}"},
                                "smtp": {"listen": f"127.0.0.1:{free_port()}"},
-                               "pop3": {"listen": f"127.0.0.1:{free_port()}", "upstream": f"localhost:{self.upstream_port}"},
+                               "pop3": {"listen": f"127.0.0.1:{free_port()}",
+                                        "upstream": f"localhost:{self.upstream_port}"},
                                "limits": {"login_timeout": 5}, "accounts": [{"username": USER}]}, base_dir=tmp_path)
         self.server = self.call(asyncio.start_server(upstream_server.handle, "127.0.0.1", self.upstream_port,
                                                      ssl=upstream_server.context))
