@@ -294,7 +294,8 @@ def _parse_config(data: Any, *, base_dir: Path, source: Path | None, environ: Ma
                          ("starttls", "implicit"), web_proxy=identity_cfg.http_proxy)
     if imap_cfg.listen == smtp_cfg.listen:
         raise ConfigError(f"smtp.listen: {smtp_cfg.listen} is already imap.listen")
-    pop3_cfg = _listener(root.section("pop3"), "127.0.0.1:1110", "outlook.office365.com:995", ("implicit",),
+    pop3 = root.section("pop3")  # read even when absent: a misspelt "pop3" then gets "did you mean"
+    pop3_cfg = _listener(pop3, "127.0.0.1:1110", "outlook.office365.com:995", ("implicit",),
                          web_proxy=identity_cfg.http_proxy) if has_pop3 else None
     tls_cfg = _tls_section(root.section("tls"), {"imap": imap_cfg, "smtp": smtp_cfg, "pop3": pop3_cfg})
     admin = root.section("admin")

@@ -243,6 +243,7 @@ def test_pop3_settings_and_tls_listeners(tmp_path):
     ({"pop3": {"lisen": "127.0.0.1:1110"}}, "pop3.lisen: unknown key"),
     ({"pop3": {"ca_file": "missing.pem"}}, "pop3.ca_file: file not found"),
     ({"pop3": "yes"}, "pop3: expected a mapping"),
+    ({"pop": {}}, "pop: unknown key (did you mean pop3?)"),
     ({"pop3": {}, "identity": {**BASE["identity"], "scopes": list(IMAP_SMTP_SCOPES)}},
      "identity.scopes: the pop3 section needs https://outlook.office.com/POP.AccessAsUser.All"),
 ])

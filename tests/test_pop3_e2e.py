@@ -268,16 +268,19 @@ def test_app_only_account_reads_its_mailbox(bed):
 
 # ------------------------------------------------------------------ logging in
 def test_wrong_password_unknown_user_auth_plain_and_stls(bed):
-    replies = []
+    replies, durations = [], []
     for name, password in ((bed.owner, "wrong password"), (user("nobody"), PASSWORD)):
         client = bed.client()
         client.command(b"USER " + name.encode())
+        started = time.monotonic()
         with pytest.raises(Pop3Error) as info:
             client.command(b"PASS " + password.encode())
+        durations.append(time.monotonic() - started)
         replies.append(str(info.value))
         assert b"USER" in client.multiline(b"CAPA")       # the session goes on
         client.quit()
     assert replies == ["-ERR [AUTH] Unknown user or wrong password"] * 2   # no hint which one
+    assert durations[0] >= 0.45 and durations[1] >= 0.95  # the shared throttle: 0.5 s, then 1 s (per source)
     client = poplib.POP3("127.0.0.1", bed.port, timeout=30)
     client.stls(ssl.create_default_context(cafile=str(bed.certs / "ca.pem")))
     assert "STLS" not in client.capa() and "USER" in client.capa()

@@ -10,6 +10,7 @@ import base64
 import poplib
 import ssl
 import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -122,8 +123,8 @@ class MicrosoftPop3:
     login: STAT and QUIT. Initial responses on the AUTH line longer than 4 kB get a protocol error."""
 
     def __init__(self, pki, accepted: set[str], refuse_with: bytes = b"-ERR Authentication failure: unknown "
-                 b"user name or bad password.\r\n"):
-        self.accepted, self.refuse_with = accepted, refuse_with
+                 b"user name or bad password.\r\n", hang: bool = False):
+        self.accepted, self.refuse_with, self.hang = accepted, refuse_with, hang
         self.auth_lines: list[bytes] = []
         self.tokens: list[str] = []
         self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -143,6 +144,8 @@ class MicrosoftPop3:
                 response = base64.b64decode((await reader.readline()).strip())
                 token = response.split(b"auth=Bearer ", 1)[1].split(b"\x01", 1)[0].decode()
                 self.tokens.append(token)
+                if self.hang:
+                    await asyncio.sleep(60)  # a server that never answers the login
                 if token in self.accepted:
                     logged_in = True
                     writer.write(b"+OK User successfully authenticated.\r\n")
@@ -261,6 +264,18 @@ def test_server_trouble_keeps_the_token_and_says_try_later(microsoft):
     with pytest.raises(poplib.error_proto, match=r"-ERR \[SYS/TEMP\] Mail server problem: .*Server busy"):
         client.pass_("local password")
     assert broker.rejected == [] and server.tokens == ["EwB-good"]   # no refresh for the server's trouble
+    client.quit()
+
+
+def test_a_server_that_never_answers_gets_sys_temp_within_the_login_deadline(microsoft):
+    bed, server, broker = microsoft(accepted={"EwB-good"}, tokens=["EwB-good"], hang=True)
+    client = poplib.POP3("127.0.0.1", bed.port, timeout=20)
+    client.user(USER)
+    started = time.monotonic()
+    with pytest.raises(poplib.error_proto, match=r"-ERR \[SYS/TEMP\] Login timed out after 5 s"):
+        client.pass_("local password")
+    assert 4.5 < time.monotonic() - started < 7          # limits.login_timeout: 5 (the client waits 30)
+    assert server.tokens == ["EwB-good"] and broker.rejected == []
     client.quit()
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import imaplib
 import os
+import poplib
 import smtplib
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import pytest
 from proxy.config import ConfigError, parse_config
 from proxy.tokens.identity import HttpSession
 from proxy.webproxy import ProxyUrlError, WebProxy, _Connect, parse_proxy_url, proxy_from
-from tests.harness import ROOT, ProxyProcess, authorize, free_port, proxy_env, write_config
+from tests.harness import ROOT, ProxyProcess, authorize, free_port, pop3_section, proxy_env, write_config
 from tests.webproxy import TinyProxy
 
 PROXY_USER, PROXY_SECRET = "kanzlei", "Pr0xy-s3cret-word"
@@ -146,17 +147,20 @@ def test_authorize_refresh_imap_and_smtp_through_the_web_proxy(tmp_path, web_pro
     idp_host, idp_port = "127.0.0.1", int(idp_reset.url.rsplit(":", 1)[1])
     config = write_config(tmp_path, idp=idp_reset, pki=pki, dovecot=dovecot, accounts=[name],
                           identity={"http_proxy": f"http://{PROXY_USER}:{PROXY_SECRET}@{auth.address}"},
-                          imap={"via_http_proxy": True}, smtp={"via_http_proxy": True})
+                          imap={"via_http_proxy": True}, smtp={"via_http_proxy": True},
+                          pop3=pop3_section(dovecot, pki, via_http_proxy=True))
     result = authorize(config, name, PASSWORD, pki, env=clean_env(pki, FAKE_BROWSER_LOG=str(tmp_path / "b.log")))
     assert result.returncode == 0, result.stderr
     assert auth.requests_for(idp_host, idp_port) >= 1            # discovery and redemption (one kept-alive tunnel)
     imap_before = auth.requests_for("127.0.0.1", dovecot.imap_port)
     smtp_before = auth.requests_for(dovecot.submission_host, dovecot.submission_port)
+    pop3_before = auth.requests_for(dovecot.pop3_host, dovecot.pop3_port)
     # refresh (check forces one) and IMAP + SMTP logins with the proxy's own upstream code
     check = run_proxy(config, "check", name, "--password-stdin", stdin=PASSWORD + "\n", env=clean_env(pki))
     assert check.returncode == 0 and "Everything works." in check.stdout, check.stdout + check.stderr
     assert auth.requests_for("127.0.0.1", dovecot.imap_port) > imap_before
     assert auth.requests_for(dovecot.submission_host, dovecot.submission_port) > smtp_before
+    assert auth.requests_for(dovecot.pop3_host, dovecot.pop3_port) > pop3_before
     # and a mail client through the listeners
     dovecot.deliver(name, b"Subject: through the proxy\r\n\r\nhello\r\n")
     proxy = ProxyProcess(config, pki)
@@ -172,6 +176,13 @@ def test_authorize_refresh_imap_and_smtp_through_the_web_proxy(tmp_path, web_pro
             smtp.login(name, PASSWORD)
             smtp.sendmail(name, ["bob@example.org"], f"From: {name}\r\nSubject: via\r\n\r\nx\r\n")
         assert auth.requests_for(dovecot.submission_host, dovecot.submission_port) > smtp_seen
+        pop3_seen = auth.requests_for(dovecot.pop3_host, dovecot.pop3_port)
+        pop = poplib.POP3("127.0.0.1", proxy.pop3_port, timeout=30)
+        pop.user(name)
+        pop.pass_(PASSWORD)
+        assert pop.stat()[0] == 1
+        pop.quit()
+        assert auth.requests_for(dovecot.pop3_host, dovecot.pop3_port) == pop3_seen + 1
     finally:
         proxy.stop()
     for text in (result.stderr, check.stdout, check.stderr, proxy.log_path.read_text(errors="replace")):
