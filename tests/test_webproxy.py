@@ -12,6 +12,7 @@ import poplib
 import smtplib
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -236,3 +237,32 @@ def test_refusals_and_missing_credentials_are_explained(tmp_path, web_proxies, i
         for text in (signed.stderr, check.stdout, check.stderr):
             assert PROXY_SECRET not in text
     assert idp_reset.count("authorize") == 0 and idp_reset.count("token") == 0
+
+
+def test_a_mail_client_hears_why_when_the_proxy_refuses_the_tunnel(tmp_path, web_proxies, idp_reset, pki, dovecot):
+    """The listeners' logins through a refusing web proxy: an answer at once that names the proxy and
+    what it refused (IMAP NO [UNAVAILABLE], SMTP 454), well within the client's 30 s."""
+    auth, refusing = web_proxies
+    name = user("client")
+    good = write_config(tmp_path, idp=idp_reset, pki=pki, dovecot=dovecot, accounts=[name],
+                        identity={"http_proxy": f"http://{PROXY_USER}:{PROXY_SECRET}@{auth.address}"})
+    assert authorize(good, name, PASSWORD, pki, env=clean_env(pki)).returncode == 0   # a fresh token to use
+    bad = write_config(tmp_path, idp=idp_reset, pki=pki, dovecot=dovecot, accounts=[name],
+                       identity={"http_proxy": f"http://{refusing.address}"}, imap={"via_http_proxy": True},
+                       smtp={"via_http_proxy": True}, tokens={"path": str(tmp_path / "tokens")})
+    proxy = ProxyProcess(bad, pki)
+    try:
+        started = time.monotonic()
+        imap = imaplib.IMAP4("127.0.0.1", proxy.imap_port, timeout=30)
+        with pytest.raises(imaplib.IMAP4.error) as refused:
+            imap.login(name, PASSWORD)
+        imap.shutdown()
+        text = str(refused.value)
+        assert "UNAVAILABLE" in text and f"the web proxy {refusing.address} does not allow a tunnel" in text, text
+        with smtplib.SMTP("127.0.0.1", proxy.smtp_port, timeout=30) as smtp:
+            with pytest.raises(smtplib.SMTPAuthenticationError) as failed:
+                smtp.login(name, PASSWORD)
+        assert failed.value.smtp_code == 454 and b"does not allow a tunnel" in failed.value.smtp_error
+        assert time.monotonic() - started < 25
+    finally:
+        proxy.stop()
