@@ -2,11 +2,12 @@
 
 (The admin *HTTP* listener is proxy/adminhttp.py; this module is the command-line side.)
 
-The status comes from the clear, non-secret ``meta`` of each token file (see proxy/tokens/store.py):
-expiry of the access token, whether a refresh token is held, last refresh, last error, state.
-Nothing here decrypts a file, so nothing here can show a secret.
+The status comes from the clear, non-secret ``meta`` of each token record (see proxy/tokens/store.py),
+read as :class:`~proxy.tokens.state.TokenStatus`: expiry of the access token, whether a refresh
+token is held, last refresh, last error, state. Nothing here decrypts a record, so nothing here
+can show a secret. Both work the same on either store (folder or PostgreSQL).
 
-``forget`` deletes a token owner's file. ``revoke`` does the same and then prints how to end
+``forget`` deletes a token owner's record. ``revoke`` does the same and then prints how to end
 the authorization at Microsoft, which the proxy cannot do itself: Microsoft's identity platform
 has no endpoint to revoke a refresh token (an admin revokes the user's sessions in Entra ID).
 """
@@ -19,28 +20,28 @@ import time
 from typing import Any
 
 from .config import FLOW_CLIENT_CREDENTIALS, Config
-from .tokens.store import NoTokens, StoreError, TokenStore
+from .tokens.state import NOT_AUTHORIZED, STORE_UNAVAILABLE, UNREADABLE, TokenStatus, owner_statuses
+from .tokens.store import StoreError, open_store
 
 
-def status_rows(config: Config) -> list[dict[str, Any]]:
+async def status_rows(config: Config) -> list[dict[str, Any]]:
     """One dict per account: its mailbox, token owner, flow and the owner's stored token state."""
-    store = TokenStore(config.token_path)
+    store = open_store(config)
+    try:
+        await store.open()
+        statuses = await owner_statuses(config, store)
+    except StoreError as exc:
+        statuses = {a.owner_key: TokenStatus.failed(exc, a.flow, unavailable=True) for a in config.accounts}
+    finally:
+        await store.close()
     rows = []
     for account in config.accounts:
-        row: dict[str, Any] = {"account": account.username, "mailbox": account.mailbox, "owner": account.owner,
-                               "flow": account.flow, "state": "ok", "access_token_expires": None,
-                               "refresh_token": None, "last_refresh": None, "last_error": None}
-        try:
-            meta = store.read(account.owner).meta
-        except NoTokens:
-            row["state"] = "not_authorized"
-        except StoreError as exc:
-            row["state"], row["last_error"] = "unreadable", str(exc)
-        else:
-            row.update(state=str(meta.get("state") or "ok"), access_token_expires=meta.get("access_token_expires"),
-                       refresh_token=bool(meta.get("has_refresh_token")), last_refresh=meta.get("last_refresh"),
-                       last_error=meta.get("last_error"))
-        rows.append(row)
+        status = statuses[account.owner_key]
+        read = status.state not in (NOT_AUTHORIZED, UNREADABLE, STORE_UNAVAILABLE)
+        rows.append({"account": account.username, "mailbox": account.mailbox, "owner": account.owner,
+                     "flow": account.flow, "state": status.state, "access_token_expires": status.access_token_expires,
+                     "refresh_token": status.has_refresh_token if read else None,
+                     "last_refresh": status.last_refresh, "last_error": status.last_error})
     return rows
 
 
@@ -53,8 +54,8 @@ def status_lines(rows: list[dict[str, Any]], now: float | None = None) -> list[s
         state = row["state"]
         if state == "not_authorized":
             parts.append(f"state=not-authorized (run `proxy authorize {row['owner']}`)")
-        elif state == "unreadable":
-            parts.append(f"state=unreadable ({row['last_error']})")
+        elif state in (UNREADABLE, STORE_UNAVAILABLE):
+            parts.append(f"state={state.replace('_', '-')} ({row['last_error']})")
         else:
             if state == "needs_authorization":
                 parts.append(f"state=needs-authorization (run `proxy authorize {row['owner']}`)")
@@ -77,8 +78,8 @@ def status_lines(rows: list[dict[str, Any]], now: float | None = None) -> list[s
     return lines
 
 
-def forget(config: Config, user: str, *, revoke: bool = False, out=sys.stdout) -> int:
-    """Delete the token file of ``user`` (an account that owns its tokens, or a token owner)."""
+async def forget(config: Config, user: str, *, revoke: bool = False, out=sys.stdout) -> int:
+    """Delete the token record of ``user`` (an account that owns its tokens, or a token owner)."""
     command = "revoke" if revoke else "forget"
     account = config.account(user)
     if account is not None and account.owner_key != account.key:
@@ -89,18 +90,21 @@ def forget(config: Config, user: str, *, revoke: bool = False, out=sys.stdout) -
         return 1
     owner = config.owner_account(account.owner if account else user)
     name = owner.username if owner else user
-    store = TokenStore(config.token_path)
-    path = store.path_for(name)
-    if owner is None and not path.exists():
-        names = ", ".join(a.username for a in config.accounts)
-        print(f"proxy: {user} is not in the config's accounts and has no token file (configured: {names})",
-              file=sys.stderr)
-        return 2
+    store = open_store(config)
+    path = store.where(name)
     try:
-        deleted = store.delete(name)
-    except OSError as exc:
-        print(f"proxy: cannot delete {path}: {exc.strerror or exc}", file=sys.stderr)
+        await store.open()
+        if owner is None and store.peek(name) is None:
+            names = ", ".join(a.username for a in config.accounts)
+            print(f"proxy: {user} is not in the config's accounts and has no stored tokens (configured: {names})",
+                  file=sys.stderr)
+            return 2
+        deleted = await store.delete(name)
+    except (OSError, StoreError) as exc:
+        print(f"proxy: cannot delete {path}: {getattr(exc, 'strerror', None) or exc}", file=sys.stderr)
         return 1
+    finally:
+        await store.close()
     users = ", ".join(a.username for a in config.sharing(name)) or f"{name} (no longer in the config)"
     if deleted:
         print(f"Deleted the stored tokens of {name}: {path}", file=out)

@@ -15,9 +15,10 @@ with their readiness, and the Prometheus metrics (see :mod:`proxy.metrics`).
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 
 from .config import Address
@@ -27,7 +28,7 @@ log = logging.getLogger("proxy.admin")
 _MAX_REQUEST = 8192
 _REQUEST_TIMEOUT = 10.0
 
-Check = Callable[[], "tuple[bool, dict]"]
+Check = Callable[[], "tuple[bool, dict] | Awaitable[tuple[bool, dict]]"]
 
 
 class AdminServer:
@@ -95,7 +96,8 @@ class AdminServer:
             body, content_type = self.metrics.exposition()
             return HTTPStatus.OK, content_type, body, head
         if target in ("/healthz", "/readyz"):
-            ok, details = (self.health if target == "/healthz" else self.ready)()
+            answer = (self.health if target == "/healthz" else self.ready)()
+            ok, details = await answer if inspect.isawaitable(answer) else answer
             body = json.dumps({"status": "ok" if ok else "fail", **details}, indent=1, sort_keys=True) + "\n"
             status = HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE
             return status, "application/json", body.encode("utf-8"), head

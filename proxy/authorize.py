@@ -16,6 +16,7 @@ Three ways, all through msal:
 
 from __future__ import annotations
 
+import asyncio
 import http.server
 import os
 import socket
@@ -35,7 +36,7 @@ from .tokens.identity import (begin_browser_sign_in, begin_device_sign_in, cache
                               describe_msal_error, fetch_app_only_token, finish_browser_sign_in,
                               finish_device_sign_in, make_msal_app, new_cache)
 from .tokens.state import token_meta, token_payload
-from .tokens.store import TokenStore, derive_key
+from .tokens.store import Key, StoreError, derive_key, open_store
 
 _PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>{title}</title></head>
 <body style="font-family:sans-serif;max-width:40em;margin:3em auto"><h1>{title}</h1><p>{text}</p></body></html>"""
@@ -327,14 +328,26 @@ def save_tokens(config: Config, account: AccountConfig, password: str, cache,
                       last_refresh=now, last_error=None, flow=account.flow)
     if info.get("preferred_username"):
         meta["signed_in_as"] = info["preferred_username"]
-    store = TokenStore(config.token_path)
     try:
-        store.write(account.username, derive_key(password),
-                    token_payload(cache, home, result["access_token"], expires_at), meta)
+        asyncio.run(_store(config, account.username, derive_key(password),
+                           token_payload(cache, home, result["access_token"], expires_at), meta))
     except OSError as exc:
         raise AuthorizeError(f"the tokens could not be stored in {config.token_path} as user {current_user()} "
                              f"({exc.strerror or exc.__class__.__name__}); nothing was stored") from None
+    except StoreError as exc:
+        raise AuthorizeError(f"the tokens could not be stored: {exc}; nothing was stored") from None
     return meta
+
+
+async def _store(config: Config, name: str, key: Key, payload: dict, meta: dict) -> None:
+    """Write the new record unconditionally: a new sign-in (or password) always wins over the
+    tokens a running proxy may be refreshing; it sees the change and follows."""
+    store = open_store(config)
+    try:
+        await store.open()
+        await store.write(name, key, payload, meta)
+    finally:
+        await store.close()
 
 
 def _open(url: str) -> None:

@@ -41,7 +41,9 @@ from .smtp.server import local_hostname
 from .tls import client_context
 from .tokens import LoginRefused, TokenBroker, TokenError
 from .tokens.identity import describe_msal_error, fetch_app_only_token, http_session
-from .tokens.store import NoTokens, StoreError, TokenStore
+from .tokens.state import (NEEDS_AUTHORIZATION, NOT_AUTHORIZED, OK, STORE_UNAVAILABLE, UNREADABLE, owner_statuses,
+                           stored_status)
+from .tokens.store import StoreError, open_store
 
 
 class Report:
@@ -86,7 +88,7 @@ async def run_check(config: Config, user: str | None, *, password_stdin: bool = 
         else:
             token = await _check_token(config, report, account, password)
     else:
-        _check_authorizations(config, report)
+        await _check_authorizations(config, report)
     timeout = config.limits.login_timeout
     await _check_imap(config, report, account, token, timeout)
     await _check_smtp(config, report, account, token, timeout)
@@ -161,9 +163,11 @@ async def _check_token(config: Config, report: Report, account: AccountConfig, p
     if password is None:
         report.skip(what, "needs the local password of the token owner (type it, or use --password-stdin)")
         return None
-    broker = TokenBroker(config, TokenStore(config.token_path))
+    store = open_store(config)
+    broker = TokenBroker(config, store)
     try:
         try:
+            await store.open()
             grant = await broker.authenticate(account.username, password)
         except LoginRefused:
             report.fail(what, f"wrong local password for {account.owner}",
@@ -182,8 +186,12 @@ async def _check_token(config: Config, report: Report, account: AccountConfig, p
         register_secret(token)
         _token_ok(config, report, account, what, token, grant.state.granted_scope, grant.state.expires_at)
         return token
+    except StoreError as exc:
+        report.fail(what, str(exc), "check tokens.store and the database (docs/scale-out.md)")
+        return None
     finally:
         await broker.close()
+        await store.close()
 
 
 async def _check_app_only_token(config: Config, report: Report, account: AccountConfig, what: str) -> str | None:
@@ -202,13 +210,21 @@ async def _check_app_only_token(config: Config, report: Report, account: Account
     register_secret(token)
     _token_ok(config, report, account, what, token, result.get("scope"),
               started + float(result.get("expires_in") or 0))
+    store = open_store(config)
     try:
-        TokenStore(config.token_path).read(account.owner)
-    except NoTokens:
+        await store.open()
+        status = await stored_status(store, account.token_owner)
+    except StoreError as exc:
+        status = None
+        report.fail(f"local password of {account.owner}", str(exc), "check tokens.store and the database")
+    finally:
+        await store.close()
+    if status is not None and status.state == NOT_AUTHORIZED:
         report.fail(f"local password of {account.owner}", "not set yet",
                     f"run `proxy authorize {account.owner}` (no sign-in: it only sets the mail client's password)")
-    except StoreError as exc:
-        report.fail(f"local password of {account.owner}", str(exc), f"run `proxy authorize {account.owner}` again")
+    elif status is not None and status.state in (UNREADABLE, STORE_UNAVAILABLE):
+        report.fail(f"local password of {account.owner}", str(status.last_error),
+                    f"run `proxy authorize {account.owner}` again")
     return token
 
 
@@ -237,23 +253,28 @@ def _token_ok(config: Config, report: Report, account: AccountConfig, what: str,
                     todo)
 
 
-def _check_authorizations(config: Config, report: Report) -> None:
-    from .admin import status_rows
-    seen = set()
-    for row in status_rows(config):
-        if row["owner"].casefold() in seen:
-            continue
-        seen.add(row["owner"].casefold())
-        what = f"tokens of {row['owner']}"
-        if row["state"] == "not_authorized":
-            report.fail(what, "not authorized yet", f"run `proxy authorize {row['owner']}`")
-        elif row["state"] == "needs_authorization":
-            report.fail(what, f"the stored authorization no longer works ({row['last_error']})",
-                        hint_for(str(row["last_error"])) or f"run `proxy authorize {row['owner']}` again")
-        elif row["state"] == "unreadable":
-            report.fail(what, str(row["last_error"]), f"run `proxy authorize {row['owner']}` again")
+async def _check_authorizations(config: Config, report: Report) -> None:
+    store = open_store(config)
+    try:
+        await store.open()
+        statuses = await owner_statuses(config, store)
+    except StoreError as exc:
+        report.fail(f"token store ({store.describe()})", str(exc), "check tokens.store and the database")
+        return
+    finally:
+        await store.close()
+    for owner_key, status in statuses.items():
+        owner = config.owner_account(owner_key).username
+        what = f"tokens of {owner}"
+        if status.state == NOT_AUTHORIZED:
+            report.fail(what, "not authorized yet", f"run `proxy authorize {owner}`")
+        elif status.state == NEEDS_AUTHORIZATION:
+            report.fail(what, f"the stored authorization no longer works ({status.last_error})",
+                        hint_for(str(status.last_error)) or f"run `proxy authorize {owner}` again")
+        elif status.state != OK:
+            report.fail(what, str(status.last_error), f"run `proxy authorize {owner}` again")
         else:
-            report.ok(what, "stored" + (f" (last error: {row['last_error']})" if row["last_error"] else ""))
+            report.ok(what, "stored" + (f" (last error: {status.last_error})" if status.last_error else ""))
 
 
 # ------------------------------------------------------------------------------ mail servers

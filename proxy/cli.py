@@ -323,7 +323,9 @@ def cmd_authorize(config: Config, args: argparse.Namespace) -> int:
                 pass
     if meta is None:
         return 1
-    print(f"Authorized {owner.username}; tokens stored encrypted in {config.token_path}.", file=sys.stderr)
+    from .tokens.store import open_store
+    print(f"Authorized {owner.username}; tokens stored encrypted in {open_store(config).describe()}.",
+          file=sys.stderr)
     print(f"Next: `proxy -c {config.source or 'config.yaml'} serve`, then log in from the mail client "
           f"(IMAP {config.imap.listen}, SMTP {config.smtp.listen}) as {users.replace(', ', ' or ')} with the "
           "password you just chose.", file=sys.stderr)
@@ -355,7 +357,7 @@ def _sign_in(config: Config, args: argparse.Namespace, owner, users: str, app_on
 
 def cmd_status(config: Config, args: argparse.Namespace) -> int:
     from .admin import status_lines, status_rows
-    rows = status_rows(config)
+    rows = asyncio.run(status_rows(config))
     if args.json:
         import json
         print(json.dumps(rows, indent=1))
@@ -372,7 +374,7 @@ def cmd_check(config: Config, args: argparse.Namespace) -> int:
 
 def cmd_forget(config: Config, args: argparse.Namespace) -> int:
     from .admin import forget
-    return forget(config, args.user, revoke=args.revoke)
+    return asyncio.run(forget(config, args.user, revoke=args.revoke))
 
 
 def cmd_init(config: None, args: argparse.Namespace) -> int:

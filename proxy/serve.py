@@ -14,7 +14,8 @@ from .config import Config
 from .imap.server import ImapProxy
 from .pop3.server import Pop3Proxy
 from .smtp.server import SmtpProxy
-from .tokens.store import StoreError, TokenStore
+from .tokens.state import STORE_UNAVAILABLE, UNREADABLE
+from .tokens.store import open_store
 from .throttle import FailureThrottle
 from .service import Runtime, make_server_tls
 from .system import install_stop_handlers
@@ -26,10 +27,9 @@ log = logging.getLogger("proxy")
 
 async def serve(config: Config, *, ready: asyncio.Event | None = None, stop: asyncio.Event | None = None) -> None:
     """Run the proxy until ``stop`` is set or SIGINT/SIGTERM arrives, then shut down gracefully."""
-    store = TokenStore(config.token_path)
+    store = open_store(config)
+    await store.open(watch=True)
     broker = TokenBroker(config, store)
-    if removed := store.remove_leftovers():
-        log.info("removed %d temporary file(s) left in %s by an interrupted write", removed, store.directory)
     throttle = FailureThrottle()  # one for all listeners: guessing over SMTP slows IMAP logins too
     server_tls = make_server_tls(config)  # the proxy's own TLS listeners (tls: cert_file, key_file)
     imap = ImapProxy(config, broker, upstream_tls=client_context(config.imap.ca_file), throttle=throttle,
@@ -50,6 +50,14 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None, stop: asy
     # the config file watcher covers reloads). proxy/system.py has both branches.
     remove_handlers = install_stop_handlers(loop, on_stop_signal, runtime.request_reload)
     graceful = False
+    await runtime.read_stored()
+    for account in config.accounts:
+        status = runtime.account_status(account.owner)
+        if problem := status.problem(account.owner):  # that account's logins will say so; the others are served
+            log.log(logging.ERROR if status.state in (UNREADABLE, STORE_UNAVAILABLE) else logging.INFO,
+                    "account %s: %s", account.username, problem)
+        else:
+            log.info("account %s: authorized", account.username)
     try:
         await imap.start()
         await smtp.start()
@@ -59,14 +67,6 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None, stop: asy
     except BaseException:
         await runtime.shutdown(0)
         raise
-    for account in config.accounts:
-        try:
-            authorized = store.stamp(account.owner) is not None  # shared mailboxes use the owner's file
-        except StoreError as exc:  # that account's logins will say so; the others are served
-            log.error("account %s: %s", account.username, exc)
-            continue
-        log.info("account %s: %s", account.username,
-                 "authorized" if authorized else f"NOT authorized yet (run `proxy authorize {account.owner}`)")
     if ready is not None:
         ready.set()
     try:

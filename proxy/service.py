@@ -34,9 +34,10 @@ from .imap.server import ImapProxy
 from .metrics import METRICS
 from .pop3.server import Pop3Proxy
 from .smtp.server import SmtpProxy
-from .tokens.store import StoreError, TokenStore
 from .tls import client_context, reload_server_context, server_context
 from .tokens import TokenBroker
+from .tokens.state import NEEDS_AUTHORIZATION, REFRESH_FAILING, TokenStatus, owner_statuses
+from .tokens.store import StoreError, TokenStore
 
 log = logging.getLogger("proxy")
 WATCH_INTERVAL = 2.0  # seconds between checks of the config file for changes
@@ -77,6 +78,7 @@ class Runtime:
         self._file_stamp = _stamp(config.source)
         self._reloading: asyncio.Task | None = None
         self._watcher: asyncio.Task | None = None
+        self._stored: dict[str, TokenStatus] = {}  # the stored state of each token owner, as last read
         METRICS.token_expiry = self.token_expiries
         METRICS.config_loaded.set(time.time())
 
@@ -103,7 +105,8 @@ class Runtime:
         ok = all(listeners.values()) and not self.stopping
         return ok, {"listeners": listeners, "stopping": self.stopping}
 
-    def readiness(self) -> tuple[bool, dict]:
+    async def readiness(self) -> tuple[bool, dict]:
+        await self.read_stored()
         accounts = self.account_health()
         ok = all(a.ready for a in accounts) and not self.stopping
         return ok, {"accounts": {a.account: {"ready": a.ready, "reason": a.reason} for a in accounts}}
@@ -111,40 +114,39 @@ class Runtime:
     def token_expiries(self) -> list[tuple[str, float | None]]:
         return [(a.account, a.expires) for a in self.account_health()]
 
+    async def read_stored(self) -> None:
+        """Read the stored token state of every token owner (for /readyz and /metrics)."""
+        try:
+            self._stored = await owner_statuses(self.config, self.store)
+        except StoreError as exc:
+            log.warning("cannot read the token store (%s)", exc)
+
+    def account_status(self, owner: str) -> TokenStatus:
+        """The token state of ``owner``: as this process holds it, else as last read from the store."""
+        held = self.broker.held_status(owner)
+        if held is not None:
+            return held
+        return self._stored.get(owner.casefold()) or TokenStatus.missing()
+
     def account_health(self) -> list[AccountHealth]:
         now = time.time()
         result = []
         for account in self.config.accounts:
             owner = account.owner
-            state = self.broker.held_state(owner)
-            if state is not None:
-                if state.dead:
-                    entry = (False, f"needs `proxy authorize {owner}`", state.expires_at)
-                elif state.usable_token(now):
-                    entry = (True, "token valid", state.expires_at)
-                elif state.failed_at:
-                    entry = (False, f"token refresh failing: {state.last_error}", state.expires_at)
-                else:
-                    entry = (True, "token refreshed at the next login", state.expires_at)
+            status = self.account_status(owner)
+            expires = status.access_token_expires
+            if status.state == NEEDS_AUTHORIZATION and status.held:
+                entry = (False, f"needs `proxy authorize {owner}`")
+            elif status.state == REFRESH_FAILING:
+                entry = (False, status.problem(owner))
+            elif status.held:
+                entry = (True, "token valid" if (expires or 0) > now else "token refreshed at the next login")
+            elif problem := status.problem(owner):
+                entry = (False, problem)
             else:
-                entry = self._file_health(owner, now)
-            result.append(AccountHealth(account.username, *entry))
+                entry = (True, "authorized (unlocked at the first login)")
+            result.append(AccountHealth(account.username, entry[0], entry[1], expires))
         return result
-
-    def _file_health(self, owner: str, now: float) -> tuple[bool, str, float | None]:
-        try:
-            meta = self.store.read(owner).meta
-        except StoreError as exc:
-            return False, f"not authorized: {str(exc)[:200]} (run `proxy authorize {owner}`)", None
-        except OSError as exc:
-            return False, f"token file unreadable ({exc.__class__.__name__})", None
-        expires = meta.get("access_token_expires")
-        expires = float(expires) if isinstance(expires, (int, float)) else None
-        if meta.get("state") == "needs_authorization":
-            return False, f"needs `proxy authorize {owner}`", expires
-        if meta.get("has_refresh_token") or meta.get("flow") == "client_credentials" or (expires or 0) > now + 60:
-            return True, "authorized (unlocked at the first login)", expires
-        return False, f"no refresh token stored (run `proxy authorize {owner}`)", expires
 
     # -- reload -------------------------------------------------------------------------
     def request_reload(self, reason: str = "SIGHUP") -> None:
@@ -242,6 +244,7 @@ class Runtime:
             if self.admin is not None:
                 await self.admin.close()
             await self.broker.close()
+            await self.store.close()
         if sum(cut):
             log.info("stopped; %s were still open after the grace period and were closed", _sessions(cut))
         else:

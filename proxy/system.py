@@ -17,7 +17,7 @@ The event loop is asyncio's default on each system: on Windows the Proactor loop
 completion ports, no 512-socket limit as with select()), which has no ``add_signal_handler``
 and no ``add_reader``; tests/test_system.py scans the code so neither is used outside a guard.
 Replacing a token file while another process reads it is retried on Windows
-(proxy/tokens/store.py ``_replace``, tested with both branches there too).
+(proxy/tokens/folder.py ``_replace``, tested with both branches there too).
 """
 
 from __future__ import annotations

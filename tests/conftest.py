@@ -96,7 +96,7 @@ from pathlib import Path  # noqa: E402
 
 from proxy.config import Address, load_config  # noqa: E402
 from proxy.smtp.server import SmtpProxy  # noqa: E402
-from proxy.tokens.store import TokenStore  # noqa: E402
+from proxy.tokens.store import open_store  # noqa: E402
 from proxy.tls import client_context  # noqa: E402
 from proxy.tokens import TokenBroker  # noqa: E402
 from tests.harness import authorize, write_config  # noqa: E402
@@ -118,7 +118,9 @@ class SmtpUnderTest:
         self.port: int = self.proxy.server.sockets[0].getsockname()[1]
 
     async def _start(self, options: dict):
-        self.broker = TokenBroker(self.config, TokenStore(self.config.token_path))
+        store = open_store(self.config)
+        await store.open()
+        self.broker = TokenBroker(self.config, store)
         proxy = SmtpProxy(self.config, self.broker, upstream_tls=client_context(self.config.smtp.ca_file), **options)
         await proxy.start()
         return proxy

@@ -235,7 +235,7 @@ def test_shared_and_archive_mailboxes_use_the_owners_tokens(tmp_path, idp_reset,
     assert result.returncode == 0, result.stderr
     assert f"opens {archive} with the tokens of {alice}" in result.stderr
     assert idp_reset.count("token:authorization_code") == 1
-    assert sorted(p.name for p in (tmp_path / "tokens").iterdir()) == [f"{alice}.tokens"]
+    assert sorted(p.name for p in (tmp_path / "tokens").glob("*.tokens")) == [f"{alice}.tokens"]
     idp_reset.allow_delegation(alice, archive)
     dovecot.deliver(archive, message("archived 1"))
     dovecot.deliver(archive, message("archived 2"))

@@ -26,7 +26,8 @@ import uuid
 import pytest
 import yaml
 
-from proxy.tokens.store import TokenStore, derive_key
+from proxy.tokens.folder import FolderStore
+from proxy.tokens.store import derive_key, open_sealed
 from tests.conftest import SMTP_PASSWORD, SMTP_USER
 from tests.faultbed import PASSWORD, Bed, Client, FakeTLSFailure, leaks
 from tests.harness import ROOT, TcpForwarder, free_port, rss_kib
@@ -239,15 +240,15 @@ def test_message_with_a_dot_after_a_bare_line_break_is_refused_not_smuggled(smtp
 # ---------------------------------------------------------------------------------- token files
 WRITER = """
 import sys
-from proxy.tokens.store import TokenStore, derive_key
-from tests.conftest import SMTP_PASSWORD, SMTP_USER
-store = TokenStore(sys.argv[1])
+from proxy.tokens.folder import FolderStore
+from proxy.tokens.store import derive_key
+store = FolderStore(sys.argv[1])
 key = derive_key("writer password", salt=b"0123456789abcdef", kdf={"name": "scrypt", "n": 1024, "r": 8, "p": 1})
 counter = int(sys.argv[2])
 print("ready", flush=True)
 while True:
     counter += 1
-    store.write("alice@firm.de", key, {"counter": counter, "pad": "x" * 200000}, {"counter": counter})
+    store.write_file("alice@firm.de", key, {"counter": counter, "pad": "x" * 200000}, {"counter": counter})
 """
 
 
@@ -255,9 +256,9 @@ def test_token_file_is_old_or_new_after_sigkill_during_writes(tmp_path):
     """A process replacing a token file in a loop is SIGKILLed at random moments, 40 times: the
     file always opens with the key and holds the newest completed write; left-over temporary
     files (0600, sealed like the file) never disturb reading."""
-    store = TokenStore(tmp_path / "tokens")
+    store = FolderStore(tmp_path / "tokens")
     key = derive_key("writer password", salt=b"0123456789abcdef", kdf={"name": "scrypt", "n": 1024, "r": 8, "p": 1})
-    store.write("alice@firm.de", key, {"counter": 0}, {"counter": 0})
+    store.write_file("alice@firm.de", key, {"counter": 0}, {"counter": 0})
     rng = random.Random(20240607)
     last, leftovers = 0, 0
     for _ in range(40):
@@ -268,8 +269,8 @@ def test_token_file_is_old_or_new_after_sigkill_during_writes(tmp_path):
         writer.kill()
         writer.wait()
         writer.stdout.close()
-        sealed = store.read("alice@firm.de")
-        payload = store.open(sealed, key)
+        sealed = store.read_file("alice@firm.de")
+        payload = open_sealed(sealed, key)
         assert payload["counter"] >= last and sealed.meta["counter"] == payload["counter"]
         last = payload["counter"]
         temporary = [p for p in store.directory.iterdir() if p.name.startswith(".tmp-")]

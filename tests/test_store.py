@@ -6,7 +6,8 @@ import stat
 
 import pytest
 
-from proxy.tokens.store import NoTokens, StoreError, TokenStore, WrongPassword, derive_key
+from proxy.tokens.folder import FolderStore
+from proxy.tokens.store import NoTokens, StoreError, WrongPassword, derive_key, key_for, open_sealed
 
 FAST = {"name": "scrypt", "n": 2**10, "r": 8, "p": 1}
 SECRET = "rt-0123456789-very-secret-refresh-token"
@@ -14,12 +15,12 @@ SECRET = "rt-0123456789-very-secret-refresh-token"
 
 @pytest.fixture
 def store(tmp_path):
-    return TokenStore(tmp_path / "tokens")
+    return FolderStore(tmp_path / "tokens")
 
 
 def write(store, password="correct horse", payload=None, meta=None):
     key = derive_key(password, kdf=FAST)
-    store.write("Alice@Firm.de", key, payload or {"refresh": SECRET}, meta or {"state": "ok"})
+    store.write_file("Alice@Firm.de", key, payload or {"refresh": SECRET}, meta or {"state": "ok"})
     return key
 
 
@@ -28,11 +29,11 @@ def test_round_trip_and_encryption_at_rest(store):
     path = store.path_for("alice@firm.de")
     raw = path.read_bytes()
     assert SECRET.encode() not in raw and b"correct horse" not in raw
-    sealed = store.read("ALICE@firm.de")
+    sealed = store.read_file("ALICE@firm.de")
     assert sealed.meta == {"state": "ok"}
     assert sealed.header["kdf"]["n"] == 2**10  # parameters stored so they can be raised later
-    assert store.open(sealed, store.key_for(sealed, "correct horse")) == {"refresh": SECRET}
-    assert store.open(sealed, key) == {"refresh": SECRET}
+    assert open_sealed(sealed, key_for(sealed, "correct horse")) == {"refresh": SECRET}
+    assert open_sealed(sealed, key) == {"refresh": SECRET}
 
 
 @pytest.mark.skipif(os.name == "nt", reason="POSIX permissions")
@@ -45,9 +46,9 @@ def test_file_and_folder_permissions(store):
 def test_wrong_password_changes_nothing(store):
     write(store)
     before = store.path_for("alice@firm.de").read_bytes()
-    sealed = store.read("alice@firm.de")
+    sealed = store.read_file("alice@firm.de")
     with pytest.raises(WrongPassword):
-        store.open(sealed, store.key_for(sealed, "wrong password"))
+        open_sealed(sealed, key_for(sealed, "wrong password"))
     assert store.path_for("alice@firm.de").read_bytes() == before
 
 
@@ -57,9 +58,9 @@ def test_tampered_metadata_or_kdf_is_detected(store):
     data = json.loads(path.read_text())
     data["meta"]["state"] = "forged"
     path.write_text(json.dumps(data))
-    sealed = store.read("alice@firm.de")
+    sealed = store.read_file("alice@firm.de")
     with pytest.raises(WrongPassword):
-        store.open(sealed, store.key_for(sealed, "correct horse"))
+        open_sealed(sealed, key_for(sealed, "correct horse"))
 
 
 @pytest.mark.parametrize("content", [b"", b"{", b"[]", b'{"format": "other"}', b"\xff\xfe garbage"])
@@ -67,24 +68,25 @@ def test_corrupt_file_is_a_clear_error(store, content):
     write(store)
     store.path_for("alice@firm.de").write_bytes(content)
     with pytest.raises(StoreError, match="corrupt") as info:
-        store.read("alice@firm.de")
+        store.read_file("alice@firm.de")
     assert "proxy authorize" in str(info.value)
 
 
 def test_missing_file(store):
     with pytest.raises(NoTokens):
-        store.read("nobody@firm.de")
-    assert store.stamp("nobody@firm.de") is None
+        store.read_file("nobody@firm.de")
+    assert store.peek("nobody@firm.de") is None
 
 
 def test_replace_is_atomic_and_leaves_no_temp_files(store):
     write(store, payload={"v": 1})
-    stamp1 = store.stamp("alice@firm.de")
+    stamp1 = store.peek("alice@firm.de")
     key = write(store, payload={"v": 2})
-    assert store.stamp("alice@firm.de") != stamp1
-    sealed = store.read("alice@firm.de")
-    assert store.open(sealed, key) == {"v": 2}
-    assert [p.name for p in store.directory.iterdir()] == [store.path_for("alice@firm.de").name]
+    assert store.peek("alice@firm.de") != stamp1
+    sealed = store.read_file("alice@firm.de")
+    assert open_sealed(sealed, key) == {"v": 2}
+    assert sorted(p.name for p in store.directory.iterdir()) == [store.lock_path("alice@firm.de").name,
+                                                                 store.path_for("alice@firm.de").name]
 
 
 
@@ -98,7 +100,7 @@ def test_leftovers_of_an_interrupted_write_are_removed_when_old(store):
     assert store.remove_leftovers() == 1
     assert not old.exists() and young.exists()            # a young one may be another process's write
     assert store.path_for("alice@firm.de").exists()       # the token file itself is never touched
-    assert TokenStore(store.directory / "missing").remove_leftovers() == 0
+    assert FolderStore(store.directory / "missing").remove_leftovers() == 0
 
 def test_file_names_are_safe(store):
     assert store.path_for("a/b\\c:d@x").name == "a%2fb%5cc%3ad@x.tokens"

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 from proxy import system
-from proxy.tokens import store
+from proxy.tokens import folder as token_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -137,18 +137,18 @@ def test_token_file_replacement_waits_for_a_windows_reader_but_not_on_posix():
         if len(attempts) <= 2:
             raise PermissionError(13, "The process cannot access the file because it is being used")
 
-    store._replace("tmp", Path("dst"), windows=True, replace=busy_twice, sleep=sleeps.append)
+    token_folder._replace("tmp", Path("dst"), windows=True, replace=busy_twice, sleep=sleeps.append)
     assert len(attempts) == 3 and sleeps == [0.05, 0.1]
     attempts.clear()
     with pytest.raises(PermissionError):
-        store._replace("tmp", Path("dst"), windows=False, replace=busy_twice, sleep=sleeps.append)
+        token_folder._replace("tmp", Path("dst"), windows=False, replace=busy_twice, sleep=sleeps.append)
     assert len(attempts) == 1
 
     def always_busy(src, dst):
         raise PermissionError(13, "busy")
     with pytest.raises(PermissionError):
-        store._replace("tmp", Path("dst"), windows=True, replace=always_busy, sleep=lambda s: None)
-    store._fsync_dir(Path("/nonexistent-on-windows"), windows=True)      # no directory handle on Windows
+        token_folder._replace("tmp", Path("dst"), windows=True, replace=always_busy, sleep=lambda s: None)
+    token_folder._fsync_dir(Path("/nonexistent-on-windows"), windows=True)      # no directory handle on Windows
 
 
 # ------------------------------------------------------------------ no POSIX-only call unguarded

@@ -4,7 +4,10 @@
   refreshes ahead of expiry, one refresh at a time);
 - :mod:`.policy`: when to refresh, as pure functions of the token's times;
 - :mod:`.identity`: the one module that talks to the identity provider (msal);
-- :mod:`.store`: the encrypted token files; :mod:`.state`: what a file holds;
+- :mod:`.store`: the store interface and the sealing of token records, with its engines
+  :mod:`.folder` (one file per account, the default);
+- :mod:`.state`: what a record holds, and :class:`~.state.TokenStatus`, the one model of an
+  account's token state (read by `proxy status`, `proxy check`, ``/readyz`` and the broker);
 - :mod:`.errors`: TokenError and LoginRefused.
 """
 

@@ -20,7 +20,7 @@ import secrets
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..config import FLOW_CLIENT_CREDENTIALS, AccountConfig, Config
@@ -30,8 +30,9 @@ from . import policy
 from .errors import LoginRefused, TokenError
 from .identity import (fetch_app_only_token, has_refresh_token, make_msal_app, new_cache, refresh_delegated,
                        transport_error)
-from .state import token_meta, token_payload
-from .store import Key, NoTokens, StoreError, TokenStore, WrongPassword
+from .state import NEEDS_AUTHORIZATION, REFRESH_FAILING, TokenStatus, token_meta, token_payload
+from .store import (Conflict, Key, NoTokens, Stamp, StoreError, StoreUnavailable, TokenStore, Version, WrongPassword,
+                    key_for, open_sealed)
 
 log = logging.getLogger("proxy.tokens")
 
@@ -60,7 +61,9 @@ class AccountState:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     verifier: bytes | None = field(default=None, repr=False)
     key: Key | None = field(default=None, repr=False)
-    stamp: tuple[int, int, int] | None = None
+    stamp: Stamp | None = None  # what the store's peek() said of the record loaded (changes at every write)
+    version: Version | None = None  # the loaded record's version (a write must replace exactly this one)
+    meta: dict = field(default_factory=dict, repr=False)  # the loaded record's clear status
     cache: Any = field(default=None, repr=False)  # msal's SerializableTokenCache
     home_account_id: str | None = None
     app: Any = field(default=None, repr=False)  # msal's ClientApplication, built at the first refresh
@@ -113,7 +116,7 @@ class TokenBroker:
         verifier = hmac.new(self._pepper, password.encode("utf-8"), hashlib.sha256).digest()
         async with state.lock:
             try:
-                stamp = self.store.stamp(account.username)
+                stamp = self.store.peek(account.username)
             except StoreError as exc:
                 raise TokenError(str(exc)) from None
             if stamp is None:
@@ -165,14 +168,24 @@ class TokenBroker:
         state.access_token = None
         return True
 
-    def status(self, state: AccountState) -> dict[str, Any]:
-        return {"expires_at": state.expires_at, "last_refresh": state.last_refresh,
-                "last_error": state.last_error, "dead": state.dead}
-
     def held_state(self, owner: str) -> AccountState | None:
         """The in-memory state of a token owner, if a login unlocked it in this process."""
         state = self._states.get(owner.casefold())
         return state if state is not None and state.key is not None else None
+
+    def held_status(self, owner: str) -> TokenStatus | None:
+        """The token state of an owner whose tokens this process holds, None if it holds none."""
+        state = self.held_state(owner)
+        if state is None:
+            return None
+        status = TokenStatus.from_meta(state.meta, state.account.flow).held_as(
+            access_token_expires=state.expires_at or None, last_refresh=state.last_refresh,
+            last_error=state.last_error)
+        if state.dead:
+            return replace(status, state=NEEDS_AUTHORIZATION)
+        if state.failed_at and not state.usable_token(self.clock()):
+            return replace(status, state=REFRESH_FAILING)
+        return status
 
     def reconfigure(self, config: Config) -> None:
         """Use ``config`` for new logins and refreshes (a config reload); open sessions go on.
@@ -203,19 +216,22 @@ class TokenBroker:
     async def _load(self, state: AccountState, password: str, verifier: bytes) -> None:
         name = state.account.username
         try:
-            sealed = await self._run(self.store.read, name)
+            sealed = await self.store.read(name)
             key = state.key
             if key is None or key.salt != sealed.salt or state.verifier != verifier:
-                key = await self._run(self.store.key_for, sealed, password)
-            payload = self.store.open(sealed, key)
+                key = await self._run(key_for, sealed, password)
+            payload = open_sealed(sealed, key)
         except NoTokens as exc:
             raise TokenError(f"{exc}; run `proxy authorize {name}`", reauthorize=True) from None
         except WrongPassword:
             raise LoginRefused("unknown user or wrong password") from None
+        except StoreUnavailable as exc:
+            raise TokenError(str(exc)) from None
         except StoreError as exc:
             raise TokenError(str(exc), reauthorize=True) from None
         cache = new_cache(payload.get("msal_cache"))
         state.key, state.verifier, state.stamp, state.cache = key, verifier, sealed.stamp, cache
+        state.version, state.meta = sealed.version, sealed.meta
         state.home_account_id = payload.get("home_account_id")
         state.app = None
         state.access_token = payload.get("access_token")
@@ -225,7 +241,7 @@ class TokenBroker:
             if meta.get("last_refresh") else 3600.0
         state.last_refresh, state.last_error = meta.get("last_refresh"), meta.get("last_error")
         state.dead = (f"the stored authorization no longer works ({meta.get('last_error')}); run `proxy authorize "
-                      f"{name}`") if meta.get("state") == "needs_authorization" else None
+                      f"{name}`") if TokenStatus.from_meta(meta).state == NEEDS_AUTHORIZATION else None
         if state.access_token:
             register_secret(state.access_token)
         log.info("account %s unlocked (token valid for %.0f s)", name, max(0.0, state.expires_at - self.clock()))
@@ -294,28 +310,37 @@ class TokenBroker:
         return refresh_delegated(state.app, identity, state.home_account_id)
 
     async def _persist(self, state: AccountState, status: str = "ok") -> None:
+        """Save the refreshed tokens, replacing exactly the version loaded (never a newer sign-in)."""
         name = state.account.username
+        has_rt = has_refresh_token(state.cache)
+        payload = token_payload(state.cache, state.home_account_id, state.access_token, state.expires_at)
+        meta = token_meta(name, expires_at=state.expires_at, has_refresh_token=has_rt,
+                          last_refresh=state.last_refresh, last_error=state.last_error, state=status,
+                          flow=state.account.flow)
         try:
-            current = self.store.stamp(name)
-            if current is None:
-                # `proxy forget`/`revoke` deleted the file: stop refreshing these tokens.
-                log.info("account %s: token file deleted; no longer refreshing", name)
-                state.dead = f"the stored tokens of {name} were deleted; run `proxy authorize {name}`"
-                state.verifier = None
-                return
-            if current != state.stamp:
-                # `proxy authorize` replaced the file meanwhile: never overwrite a newer sign-in.
-                log.info("account %s: token file changed on disk; reloading at next login", name)
-                state.verifier = None
-                return
-            has_rt = has_refresh_token(state.cache)
-            payload = token_payload(state.cache, state.home_account_id, state.access_token, state.expires_at)
-            meta = token_meta(name, expires_at=state.expires_at, has_refresh_token=has_rt,
-                              last_refresh=state.last_refresh, last_error=state.last_error, state=status,
-                              flow=state.account.flow)
-            state.stamp = await self._run(self.store.write, name, state.key, payload, meta)
+            sealed = await self.store.write(name, state.key, payload, meta, expected=state.version)
+        except Conflict:
+            self._superseded(state)
         except (OSError, StoreError) as exc:
             log.error("account %s: cannot save refreshed tokens (%s); keeping them in memory", name, exc)
+        else:
+            state.stamp, state.version, state.meta = sealed.stamp, sealed.version, sealed.meta
+
+    def _superseded(self, state: AccountState) -> None:
+        """Another process replaced or deleted the record this process loaded."""
+        name = state.account.username
+        try:
+            deleted = self.store.peek(name) is None
+        except StoreError:
+            deleted = False
+        if deleted:
+            # `proxy forget`/`revoke` deleted the record: stop refreshing these tokens.
+            log.info("account %s: stored tokens deleted; no longer refreshing", name)
+            state.dead = f"the stored tokens of {name} were deleted; run `proxy authorize {name}`"
+        else:
+            # `proxy authorize` replaced the record meanwhile: never overwrite a newer sign-in.
+            log.info("account %s: stored tokens changed meanwhile; reloading at next login", name)
+        state.verifier = None
 
     async def _keep_fresh(self, state: AccountState) -> None:
         """Background task: refresh ahead of expiry; back off on failures (honouring Retry-After)."""
