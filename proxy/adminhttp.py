@@ -7,8 +7,9 @@ with their readiness, and the Prometheus metrics (see :mod:`proxy.metrics`).
 
 - ``/healthz``: 200 while the process runs and every listener is bound and accepting
   (503 during shutdown). For liveness probes and the container HEALTHCHECK.
-- ``/readyz``: 200 if every configured account has a usable token (or a refresh token to get
-  one), 503 otherwise, with a JSON body naming the accounts that are not ready and why.
+- ``/readyz``: 200 if this replica can serve (listeners bound, the token store read once since
+  start), 503 otherwise; the JSON body also lists each account's token state (never a reason
+  for 503: see proxy/service.py).
 - ``/metrics``: the Prometheus text format.
 """
 

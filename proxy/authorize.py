@@ -271,6 +271,27 @@ def _unreachable(config: Config, exc: BaseException) -> AuthorizeError:
                           f"  What to do: {todo}")
 
 
+def check_token_store(config: Config) -> bool:
+    """Before the sign-in: the token store can take the tokens (the folder is writable, or the
+    database answers and has its table); raise AuthorizeError saying why not. Returns True if it
+    created the token folder."""
+    if config.token_store.store == "folder":
+        return check_token_folder(config)
+    try:
+        asyncio.run(_open_store(config))
+    except StoreError as exc:
+        raise AuthorizeError(str(exc)) from None
+    return False
+
+
+async def _open_store(config: Config) -> None:
+    store = open_store(config)
+    try:
+        await store.open()
+    finally:
+        await store.close()
+
+
 def check_token_folder(config: Config) -> bool:
     """Create the token folder if needed (private to this user) and prove a file can be written
     and replaced there; raise AuthorizeError naming the folder and the user otherwise. Run before
@@ -321,7 +342,8 @@ def save_tokens(config: Config, account: AccountConfig, password: str, cache,
                 result: dict) -> dict:
     """Seal a fresh msal result with a new key derived from ``password`` (new salt)."""
     now = time.time()
-    expires_at = now + float(result.get("expires_in") or 3600)
+    lifetime = float(result.get("expires_in") or 3600)
+    expires_at = now + lifetime
     home = cached_home_account_id(cache)
     info = result.get("id_token_claims") or {}
     meta = token_meta(account.username, expires_at=expires_at, has_refresh_token="refresh_token" in result,
@@ -330,7 +352,7 @@ def save_tokens(config: Config, account: AccountConfig, password: str, cache,
         meta["signed_in_as"] = info["preferred_username"]
     try:
         asyncio.run(_store(config, account.username, derive_key(password),
-                           token_payload(cache, home, result["access_token"], expires_at), meta))
+                           token_payload(cache, home, result["access_token"], expires_at, lifetime), meta))
     except OSError as exc:
         raise AuthorizeError(f"the tokens could not be stored in {config.token_path} as user {current_user()} "
                              f"({exc.strerror or exc.__class__.__name__}); nothing was stored") from None

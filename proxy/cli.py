@@ -185,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="GET /healthz (or /readyz with --ready) from the admin listener of a running `proxy serve` "
                     "(admin.listen in the config) and print the answer. Exit status 0 if healthy (ready), "
                     "1 otherwise. Used as the container's HEALTHCHECK.")
-    health.add_argument("--ready", action="store_true", help="ask /readyz: every account has a usable token")
+    health.add_argument("--ready", action="store_true",
+                        help="ask /readyz: the listeners are bound and the token store was read since start")
     health.add_argument("--timeout", type=_seconds, default=5.0, help="seconds to wait for the answer (default 5)")
     health.set_defaults(func=cmd_health)
     return parser
@@ -287,7 +288,7 @@ def _owner(config: Config, user: str):
 
 
 def cmd_authorize(config: Config, args: argparse.Namespace) -> int:
-    from .authorize import AuthorizeError, browser_unavailable, check_token_folder
+    from .authorize import AuthorizeError, browser_unavailable, check_token_store
     from .config import FLOW_CLIENT_CREDENTIALS
     owner = _owner(config, args.user)
     users = ", ".join(a.username for a in config.sharing(owner.username))
@@ -304,12 +305,12 @@ def cmd_authorize(config: Config, args: argparse.Namespace) -> int:
             print(f"Using the device code flow: {reason}. (--browser forces the browser sign-in.)", file=sys.stderr)
             device = True
     # Everything that can be refused is refused before the sign-in (nobody should do MFA for nothing):
-    # the password's source, the token folder, then the password itself.
+    # the password's source, the token store, then the password itself.
     password = read_new_password(users, True) if args.password_stdin else None
     if password is None:
         require_terminal("the local password")
     try:
-        created = check_token_folder(config)
+        created = check_token_store(config)
     except AuthorizeError as exc:
         print(f"proxy: {exc}; nothing was signed in", file=sys.stderr)
         return 1
@@ -420,9 +421,10 @@ Always on: contrib/oauth2-mail-proxy.service (Linux, systemd) or docs/windows.md
 
 def cmd_serve(config: Config, args: argparse.Namespace) -> int:
     from .serve import serve
+    from .tokens.store import StoreError
     try:
         asyncio.run(serve(config))
-    except OSError as exc:
+    except (OSError, StoreError) as exc:  # StoreError: e.g. the PostgreSQL driver is not installed
         print(f"proxy: cannot start: {exc}", file=sys.stderr)
         return 1
     return 0

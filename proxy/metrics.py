@@ -11,6 +11,8 @@ addresses), never anything secret. Names::
     proxy_token_refreshes_total{result}              ok, failed, reauthorize
     proxy_relayed_bytes_total{protocol,direction}    to_server / to_client, after login (SMTP: messages)
     proxy_token_expiry_timestamp_seconds{account}    when the access token held for an account expires
+    proxy_account_needs_authorization{account}       1 while only `proxy authorize` can make the account work
+    proxy_token_store_up                             1 while the token store can be reached (PostgreSQL)
     proxy_config_reloads_total{result}               ok, refused
     proxy_config_last_reload_timestamp_seconds       last successful (re)load of the config
 
@@ -101,6 +103,28 @@ class _TokenExpiry:
         return iter(())
 
 
+class _StoreAndAccounts:
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        needs = GaugeMetricFamily("proxy_account_needs_authorization", "1 if only `proxy authorize` can make the "
+                                  "account work again (not authorized, refused, unreadable)", labels=["account"])
+        store = GaugeMetricFamily("proxy_token_store_up", "1 if the token store can be reached now")
+        try:
+            for account, flag in (self.metrics.accounts_needing_authorization or (lambda: []))():
+                needs.add_metric([account], 1.0 if flag else 0.0)
+            if self.metrics.store_up is not None:
+                store.add_metric([], 1.0 if self.metrics.store_up() else 0.0)
+        except Exception:  # a scrape must not fail
+            logging.getLogger("proxy.metrics").exception("account and store metrics unavailable")
+        yield needs
+        yield store
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+
 class Metrics:
     """The process's metrics, in their own registry (no default process/platform collectors)."""
 
@@ -124,6 +148,10 @@ class Metrics:
         #: Set by `proxy serve`: returns (account, access token expiry as Unix time or None) pairs.
         self.token_expiry: Callable[[], Iterable[tuple[str, float | None]]] | None = None
         registry.register(_TokenExpiry(self))  # type: ignore[arg-type]
+        #: Set by `proxy serve`: (account, needs `proxy authorize`) pairs, and whether the store is up.
+        self.accounts_needing_authorization: Callable[[], Iterable[tuple[str, bool]]] | None = None
+        self.store_up: Callable[[], bool] | None = None
+        registry.register(_StoreAndAccounts(self))  # type: ignore[arg-type]
         for protocol in PROTOCOLS:  # present from the start, so rates work from the first scrape
             self.sessions_open.labels(protocol)
             self.sessions.labels(protocol)

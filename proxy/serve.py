@@ -14,7 +14,7 @@ from .config import Config
 from .imap.server import ImapProxy
 from .pop3.server import Pop3Proxy
 from .smtp.server import SmtpProxy
-from .tokens.state import STORE_UNAVAILABLE, UNREADABLE
+from .tokens.state import UNREADABLE
 from .tokens.store import open_store
 from .throttle import FailureThrottle
 from .service import Runtime, make_server_tls
@@ -28,7 +28,7 @@ log = logging.getLogger("proxy")
 async def serve(config: Config, *, ready: asyncio.Event | None = None, stop: asyncio.Event | None = None) -> None:
     """Run the proxy until ``stop`` is set or SIGINT/SIGTERM arrives, then shut down gracefully."""
     store = open_store(config)
-    await store.open(watch=True)
+    await store.open(watch=True)  # PostgreSQL: connects in the background if the database is down now
     broker = TokenBroker(config, store)
     throttle = FailureThrottle()  # one for all listeners: guessing over SMTP slows IMAP logins too
     server_tls = make_server_tls(config)  # the proxy's own TLS listeners (tls: cert_file, key_file)
@@ -50,14 +50,17 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None, stop: asy
     # the config file watcher covers reloads). proxy/system.py has both branches.
     remove_handlers = install_stop_handlers(loop, on_stop_signal, runtime.request_reload)
     graceful = False
-    await runtime.read_stored()
-    for account in config.accounts:
-        status = runtime.account_status(account.owner)
-        if problem := status.problem(account.owner):  # that account's logins will say so; the others are served
-            log.log(logging.ERROR if status.state in (UNREADABLE, STORE_UNAVAILABLE) else logging.INFO,
-                    "account %s: %s", account.username, problem)
-        else:
-            log.info("account %s: authorized", account.username)
+    log.info("token store: %s", store.describe())
+    if await runtime.read_stored():
+        for account in config.accounts:
+            status = runtime.account_status(account.owner)
+            if problem := status.problem(account.owner):  # that account's logins will say so; the others are served
+                log.log(logging.ERROR if status.state == UNREADABLE else logging.INFO,
+                        "account %s: %s", account.username, problem)
+            else:
+                log.info("account %s: authorized", account.username)
+    else:
+        log.warning("token store %s not reachable yet: not ready until it is (logins wait for it)", store.describe())
     try:
         await imap.start()
         await smtp.start()

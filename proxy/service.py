@@ -7,11 +7,15 @@
   same environment overrides. A valid new config is handed to the listeners and the token
   broker, which use it for new connections and logins; open sessions keep going on what they
   have. An invalid one is refused with the error in the log, and the running config stays.
-  Listener addresses, the admin address and ``tokens.path`` are bound at start: a change to
-  them is logged as needing a restart. Renewed TLS certificate files are picked up.
+  Listener addresses, the admin address and the token store (``tokens``) are bound at start:
+  a change to them is logged as needing a restart. Renewed TLS certificate files are picked up.
 - **Health** (``/healthz``): every listener bound and accepting. **Readiness** (``/readyz``):
-  every account has a usable token: held in memory after a login, else judged from the token
-  file's clear status (authorized, not marked for re-authorization, a refresh token stored).
+  this replica can serve: its listeners are bound and it has read the token store at least once
+  since it started. Neither an account that needs `proxy authorize` nor a store outage (a
+  replica keeps serving the accounts it has unlocked) makes it unready: a load balancer must not
+  take every replica out because of one account. Both show in ``/metrics``
+  (``proxy_account_needs_authorization``, ``proxy_token_store_up``), in `proxy status` and in
+  the log; the ``/readyz`` body lists each account's state as last read.
 - **Shutdown** (SIGTERM, SIGINT): listeners close at once; sessions get
   ``limits.shutdown_grace`` seconds to finish (SMTP sessions are closed as soon as no
   command or mail transaction is in progress), then the rest are cut. A second signal cuts
@@ -36,11 +40,12 @@ from .pop3.server import Pop3Proxy
 from .smtp.server import SmtpProxy
 from .tls import client_context, reload_server_context, server_context
 from .tokens import TokenBroker
-from .tokens.state import NEEDS_AUTHORIZATION, REFRESH_FAILING, TokenStatus, owner_statuses
+from .tokens.state import NEEDS_AUTHORIZATION, REFRESH_FAILING, STORE_UNAVAILABLE, TokenStatus, owner_statuses
 from .tokens.store import StoreError, TokenStore
 
 log = logging.getLogger("proxy")
 WATCH_INTERVAL = 2.0  # seconds between checks of the config file for changes
+STATUS_INTERVAL = 5.0  # seconds between reads of the stored token states (for /metrics, /readyz's body, the log)
 # Settings bound when `proxy serve` starts; a reload only warns about changes to them.
 _RESTART_KEYS = (("imap.listen", lambda c: c.imap.listen), ("imap.tls_listen", lambda c: c.imap.tls_listen),
                  ("smtp.listen", lambda c: c.smtp.listen), ("smtp.tls_listen", lambda c: c.smtp.tls_listen),
@@ -48,7 +53,7 @@ _RESTART_KEYS = (("imap.listen", lambda c: c.imap.listen), ("imap.tls_listen", l
                  ("pop3.listen", lambda c: c.pop3.listen if c.pop3 else None),
                  ("pop3.tls_listen", lambda c: c.pop3.tls_listen if c.pop3 else None),
                  ("admin.listen", lambda c: c.admin.listen if c.admin else None),
-                 ("tokens.path", lambda c: c.token_path))
+                 ("tokens", lambda c: c.token_store.describe()))
 
 
 def make_server_tls(config: Config) -> ssl.SSLContext | None:
@@ -61,9 +66,11 @@ def make_server_tls(config: Config) -> ssl.SSLContext | None:
 @dataclass
 class AccountHealth:
     account: str
-    ready: bool
+    ready: bool       # a login can get a token now (or at its first refresh)
     reason: str
     expires: float | None  # access token expiry (Unix time), if known
+    state: str = "ok"
+    needs_authorization: bool = False
 
 
 class Runtime:
@@ -79,7 +86,12 @@ class Runtime:
         self._reloading: asyncio.Task | None = None
         self._watcher: asyncio.Task | None = None
         self._stored: dict[str, TokenStatus] = {}  # the stored state of each token owner, as last read
+        self.store_read = False  # the store has been read at least once since start
+        self._statuses: asyncio.Task | None = None
+        self._status_wakeup = asyncio.Event()
         METRICS.token_expiry = self.token_expiries
+        METRICS.accounts_needing_authorization = self.needing_authorization
+        METRICS.store_up = lambda: self.store.available
         METRICS.config_loaded.set(time.time())
 
     # -- start --------------------------------------------------------------------------
@@ -96,30 +108,69 @@ class Runtime:
             await self.admin.start()
         if self.config.source is not None and watch_interval > 0:
             self._watcher = asyncio.get_running_loop().create_task(self._watch(watch_interval))
+        if self.store is not None:
+            self.store.watch(lambda _account: self._status_wakeup.set())
+            self._statuses = asyncio.get_running_loop().create_task(self._follow_statuses())
 
     # -- health -------------------------------------------------------------------------
-    def health(self) -> tuple[bool, dict]:
+    def listeners(self) -> dict[str, bool]:
         listeners = {"imap": self.imap.listening, "smtp": self.smtp.listening}
         if self.pop3 is not None:
             listeners["pop3"] = self.pop3.listening
+        return listeners
+
+    def health(self) -> tuple[bool, dict]:
+        listeners = self.listeners()
         ok = all(listeners.values()) and not self.stopping
         return ok, {"listeners": listeners, "stopping": self.stopping}
 
-    async def readiness(self) -> tuple[bool, dict]:
-        await self.read_stored()
-        accounts = self.account_health()
-        ok = all(a.ready for a in accounts) and not self.stopping
-        return ok, {"accounts": {a.account: {"ready": a.ready, "reason": a.reason} for a in accounts}}
+    def readiness(self) -> tuple[bool, dict]:
+        """Ready: the listeners are bound and the store was read once (accounts' states are shown, but
+        never make a replica unready)."""
+        listeners = self.listeners()
+        ok = all(listeners.values()) and self.store_read and not self.stopping
+        accounts = {a.account: {"usable": a.ready, "state": a.state, "reason": a.reason} for a in self.account_health()}
+        store = {"kind": self.store.kind, "read": self.store_read, "available": self.store.available}
+        return ok, {"listeners": listeners, "store": store, "accounts": accounts, "stopping": self.stopping}
 
     def token_expiries(self) -> list[tuple[str, float | None]]:
         return [(a.account, a.expires) for a in self.account_health()]
 
-    async def read_stored(self) -> None:
-        """Read the stored token state of every token owner (for /readyz and /metrics)."""
+    def needing_authorization(self) -> list[tuple[str, bool]]:
+        return [(a.account, a.needs_authorization) for a in self.account_health()]
+
+    async def read_stored(self) -> bool:
+        """Read the stored token state of every token owner (for /metrics, /readyz and the log);
+        False if the store could not be read."""
         try:
-            self._stored = await owner_statuses(self.config, self.store)
+            stored = await owner_statuses(self.config, self.store)
         except StoreError as exc:
-            log.warning("cannot read the token store (%s)", exc)
+            log.warning("cannot read the token store %s (%s)", self.store.describe(), exc)
+            return False
+        if any(s.state == STORE_UNAVAILABLE for s in stored.values()):
+            return False
+        for owner_key, status in stored.items():
+            before, owner = self._stored.get(owner_key), self.config.owner_account(owner_key)
+            if self.store_read and before is not None and before.state != status.state and owner is not None and \
+                    self.broker.held_state(owner_key) is None and (problem := status.problem(owner.username)):
+                log.warning("account %s: %s", owner.username, problem)
+        self._stored, self.store_read = stored, True
+        return True
+
+    async def _follow_statuses(self) -> None:
+        """Keep the stored states current: every STATUS_INTERVAL, and soon after the store reports
+        a change (PostgreSQL's notifications)."""
+        while not self.stopping:
+            try:
+                await asyncio.wait_for(self._status_wakeup.wait(), STATUS_INTERVAL)
+                await asyncio.sleep(0.2)  # a burst of changes: one read
+            except asyncio.TimeoutError:
+                pass
+            self._status_wakeup.clear()
+            try:
+                await self.read_stored()
+            except Exception:  # never let this task die
+                log.exception("reading the stored token states failed")
 
     def account_status(self, owner: str) -> TokenStatus:
         """The token state of ``owner``: as this process holds it, else as last read from the store."""
@@ -145,7 +196,8 @@ class Runtime:
                 entry = (False, problem)
             else:
                 entry = (True, "authorized (unlocked at the first login)")
-            result.append(AccountHealth(account.username, entry[0], entry[1], expires))
+            result.append(AccountHealth(account.username, entry[0], entry[1], expires, status.state,
+                                        status.needs_authorization))
         return result
 
     # -- reload -------------------------------------------------------------------------
@@ -220,8 +272,9 @@ class Runtime:
     async def shutdown(self, grace: float, force: asyncio.Event | None = None) -> None:
         """Close the listeners, let sessions finish for up to ``grace`` seconds, end the rest."""
         self.stopping = True
-        if self._watcher is not None:
-            self._watcher.cancel()
+        for task in (self._watcher, self._statuses):
+            if task is not None:
+                task.cancel()
         fronts = [f for f in (self.imap, self.smtp, self.pop3) if f is not None]
         open_sessions = [len(f.sessions) for f in fronts]
         if grace > 0 and sum(open_sessions):

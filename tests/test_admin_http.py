@@ -42,19 +42,24 @@ def test_health_readiness_metrics_and_session_logs(smtp_authorized: Path, tmp_pa
         assert status == 200, body
         assert json.loads(body)["listeners"] == {"imap": True, "smtp": True}
         status, body = http_get(admin_port, "/readyz")
-        assert status == 503, body                                # `other` has never been authorized
-        accounts = json.loads(body)["accounts"]
-        assert accounts[SMTP_USER]["ready"] is True
-        assert accounts[other]["ready"] is False and "proxy authorize" in accounts[other]["reason"]
+        assert status == 200, body          # this proxy can serve, though `other` was never authorized
+        ready = json.loads(body)
+        assert ready["store"] == {"kind": "folder", "read": True, "available": True}
+        assert ready["accounts"][SMTP_USER]["usable"] is True
+        assert ready["accounts"][other]["state"] == "not_authorized"
+        assert "proxy authorize" in ready["accounts"][other]["reason"]
         assert http_get(admin_port, "/nothing")[0] == 404
         health = subprocess.run([*PROXY, "-c", str(config_path), "health"], capture_output=True, text=True,
                                 timeout=30, cwd=ROOT)
         assert health.returncode == 0 and '"status": "ok"' in health.stdout, health.stderr
         ready = subprocess.run([*PROXY, "-c", str(config_path), "health", "--ready"], capture_output=True,
                                text=True, timeout=30, cwd=ROOT)
-        assert ready.returncode == 1 and other in ready.stdout
+        assert ready.returncode == 0 and other in ready.stdout
 
         before = scrape(admin_port)
+        assert sample(before, "proxy_account_needs_authorization", account=other) == 1   # shown here instead
+        assert sample(before, "proxy_account_needs_authorization", account=SMTP_USER) == 0
+        assert sample(before, "proxy_token_store_up") == 1
         assert sample(before, "proxy_logins_total", protocol="imap", result="ok") == 0
         assert ("proxy_token_expiry_timestamp_seconds", (("account", SMTP_USER),)) in before   # from the file
 
@@ -95,13 +100,15 @@ def test_health_readiness_metrics_and_session_logs(smtp_authorized: Path, tmp_pa
         expiry = sample(after, "proxy_token_expiry_timestamp_seconds", account=SMTP_USER)
         assert time.time() + 60 < expiry < time.time() + 7200
 
-        # `other` gets authorized while the proxy runs, with short-lived tokens: ready at once,
+        # `other` gets authorized while the proxy runs, with short-lived tokens: shown at once,
         # and refreshed in the background after its first login.
         idp_reset.set_access_token_lifetime(4)
         result = authorize(config_path, other, OTHER_PASSWORD, pki)
         assert result.returncode == 0, result.stderr
+        wait_for(lambda: sample(scrape(admin_port), "proxy_account_needs_authorization", account=other) == 0,
+                 timeout=10, message="the new authorization in /metrics")
         status, body = http_get(admin_port, "/readyz")
-        assert status == 200, body
+        assert status == 200 and json.loads(body)["accounts"][other]["state"] == "ok", body
         imap = imaplib.IMAP4("127.0.0.1", proxy.imap_port, timeout=30)
         imap.login(other, OTHER_PASSWORD)
         imap.logout()

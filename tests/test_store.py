@@ -1,13 +1,20 @@
-"""The encrypted token store: sealed at rest, 0600, atomic, tamper-evident, never damaged by a wrong password."""
+"""The encrypted token store's folder engine: sealed at rest, 0600, atomic, tamper-evident, never damaged by a
+wrong password; several processes serialised by a lock file per account, and a write never replaces a newer
+record."""
 
 import json
 import os
 import stat
+import subprocess
+import sys
+import threading
+import time
 
 import pytest
 
 from proxy.tokens.folder import FolderStore
-from proxy.tokens.store import NoTokens, StoreError, WrongPassword, derive_key, key_for, open_sealed
+from proxy.tokens.store import Conflict, NoTokens, StoreError, WrongPassword, derive_key, key_for, open_sealed
+from tests.harness import ROOT
 
 FAST = {"name": "scrypt", "n": 2**10, "r": 8, "p": 1}
 SECRET = "rt-0123456789-very-secret-refresh-token"
@@ -105,3 +112,78 @@ def test_leftovers_of_an_interrupted_write_are_removed_when_old(store):
 def test_file_names_are_safe(store):
     assert store.path_for("a/b\\c:d@x").name == "a%2fb%5cc%3ad@x.tokens"
     assert store.path_for("Alice@Firm.DE") == store.path_for("alice@firm.de")
+
+
+# ---------------------------------------------------------------------------------- several processes
+def test_a_write_replaces_only_the_version_it_expects(store):
+    key = write(store, payload={"v": 1})
+    first = store.read_file("alice@firm.de")
+    second = store.write_file("alice@firm.de", key, {"v": 2}, {}, expected=first.version)
+    assert second.serial == first.serial + 1
+    with pytest.raises(Conflict):                  # a refresh that loaded the first version is too late
+        store.write_file("alice@firm.de", key, {"v": 3}, {}, expected=first.version)
+    write(store, "new password", payload={"v": "authorize"})   # `proxy authorize`: always wins
+    with pytest.raises(Conflict):
+        store.write_file("alice@firm.de", key, {"v": 4}, {}, expected=second.version)
+    assert store.delete_file("alice@firm.de")
+    write(store, payload={"v": "again"})            # authorized again after `proxy forget`: serial 1 again,
+    with pytest.raises(Conflict):                  # but a new salt, so the first version never matches
+        store.write_file("alice@firm.de", key, {"v": 5}, {}, expected=first.version)
+    assert open_sealed(store.read_file("alice@firm.de"), key_for(store.read_file("alice@firm.de"),
+                                                                   "correct horse")) == {"v": "again"}
+
+
+LEASE_HOLDER = """
+import sys
+from proxy.tokens.folder import FolderStore
+lease = FolderStore(sys.argv[1]).lease_now("alice@firm.de")
+print("held" if lease else "busy", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_the_lease_is_one_process_at_a_time_and_ends_with_its_holder(store):
+    """Another process refreshing holds the account's lock file: this one gets no lease, and a
+    write (`proxy authorize`) waits for it; ``kill -9`` of the holder releases it at once."""
+    key = write(store)
+    holder = subprocess.Popen([sys.executable, "-c", LEASE_HOLDER, str(store.directory)], cwd=ROOT,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == b"held\n"
+        assert store.lease_now("alice@firm.de") is None
+        writer = threading.Thread(target=store.write_file, args=("alice@firm.de", key, {"v": 2}, {}))
+        writer.start()
+        time.sleep(0.5)
+        assert writer.is_alive()                     # serialised behind the other process's lease
+        holder.kill()
+        holder.wait()
+        writer.join(5)
+        assert not writer.is_alive()
+        lease = store.lease_now("alice@firm.de")
+        assert lease is not None and lease.version == store.read_file("alice@firm.de").version
+        lease.release_now()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+# ---------------------------------------------------------------------------------- the one model of a token state
+def test_token_status_reads_a_records_clear_status_in_one_way():
+    from proxy.tokens.state import NEEDS_AUTHORIZATION, NOT_AUTHORIZED, OK, TokenStatus, token_meta
+
+    fresh = TokenStatus.from_meta(token_meta("a@b", expires_at=time.time() + 3600, has_refresh_token=True,
+                                             last_refresh=time.time(), last_error=None))
+    assert fresh.state == OK and not fresh.needs_authorization and fresh.problem("a@b") is None
+    refused = TokenStatus.from_meta(token_meta("a@b", expires_at=None, has_refresh_token=True, last_refresh=None,
+                                               last_error="invalid_grant: AADSTS50173", state=NEEDS_AUTHORIZATION))
+    assert refused.needs_authorization and "AADSTS50173" in refused.problem("a@b")
+    assert "proxy authorize a@b" in refused.problem("a@b")
+    no_refresh_token = TokenStatus.from_meta(token_meta("a@b", expires_at=time.time() - 1, has_refresh_token=False,
+                                                        last_refresh=None, last_error=None))
+    assert no_refresh_token.needs_authorization and "no refresh token" in no_refresh_token.problem("a@b")
+    app_only = TokenStatus.from_meta(token_meta("a@b", expires_at=time.time() - 1, has_refresh_token=False,
+                                                last_refresh=None, last_error=None, flow="client_credentials"))
+    assert not app_only.needs_authorization                      # fetches a new token by itself
+    assert TokenStatus.missing().state == NOT_AUTHORIZED and TokenStatus.missing().needs_authorization
+    odd = TokenStatus.from_meta({"state": "something else", "access_token_expires": "soon", "last_refresh": True})
+    assert odd.state == OK and odd.access_token_expires is None and odd.last_refresh is None

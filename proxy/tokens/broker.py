@@ -7,6 +7,13 @@ a valid token is answered from memory, otherwise every caller waits on the same 
 (N simultaneous logins, one token request), always within the caller's deadline. After the
 first successful login (which yields the file key) a background task refreshes ahead of
 expiry, so logins rarely wait and the refresh token stays alive.
+
+Several processes may share one store (replicas on PostgreSQL, or `proxy serve` and `proxy
+authorize` on one token folder); then one refresh serves them all (see :meth:`_coordinate`):
+a process takes the account's lease before refreshing and writes only over the version it
+loaded, the others wait for its result and load it with the key they hold, and `proxy
+authorize` always wins (its new record, password and salt are never overwritten). Changes
+other processes make are followed as the store reports them (:meth:`_follow`).
 """
 
 from __future__ import annotations
@@ -31,10 +38,18 @@ from .errors import LoginRefused, TokenError
 from .identity import (fetch_app_only_token, has_refresh_token, make_msal_app, new_cache, refresh_delegated,
                        transport_error)
 from .state import NEEDS_AUTHORIZATION, REFRESH_FAILING, TokenStatus, token_meta, token_payload
-from .store import (Conflict, Key, NoTokens, Stamp, StoreError, StoreUnavailable, TokenStore, Version, WrongPassword,
-                    key_for, open_sealed)
+from .store import (Conflict, Key, Lease, NoTokens, Sealed, Stamp, StoreError, StoreUnavailable, TokenStore, Version,
+                    WrongPassword, key_for, open_sealed)
 
 log = logging.getLogger("proxy.tokens")
+# While another process refreshes an account's tokens, how often to look for its result.
+LEASE_POLL = 0.2
+# After the store failed (not the identity provider), retry this soon.
+STORE_RETRY = 1.0
+# With no usable token left, refresh without a lease once the store has been unreachable this long
+# (a database restart or a dropped connection is shorter; with Microsoft's tokens the refresh margin
+# of five minutes lets the lease be retried long before any token runs out).
+UNLEASED_AFTER = 5.0
 
 
 @dataclass(eq=False)
@@ -80,6 +95,9 @@ class AccountState:
     dead: str | None = None  # reason the refresh token is unusable (needs `proxy authorize`)
     refreshing: asyncio.Task | None = None
     refresher: asyncio.Task | None = None
+    lease: Lease | None = field(default=None, repr=False)  # held while this process refreshes
+    unsaved: str | None = None  # status of tokens refreshed while the store was unreachable: save later
+    following: asyncio.Task | None = field(default=None, repr=False)
 
     def usable_token(self, now: float) -> str | None:
         """The current token if it stays valid long enough to complete a login."""
@@ -101,6 +119,10 @@ class TokenBroker:
         self._pepper = secrets.token_bytes(32)  # keys the in-memory password verifiers
         self._http_cache: dict = {}
         self._closed = False
+        # A refresh takes at most a few requests, each bounded by identity.timeout.
+        self.lease_seconds = max(15.0, 3 * config.identity.timeout)
+        self._watcher: asyncio.Task | None = None
+        store.watch(self._store_changed)
 
     # -- public API ---------------------------------------------------------------------
     async def authenticate(self, username: str, password: str) -> LoginGrant:
@@ -206,8 +228,10 @@ class TokenBroker:
 
     async def close(self) -> None:
         self._closed = True
+        if self._watcher is not None:
+            self._watcher.cancel()
         for state in self._states.values():
-            for task in (state.refresher, state.refreshing):
+            for task in (state.refresher, state.refreshing, state.following):
                 if task is not None:
                     task.cancel()
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -229,24 +253,112 @@ class TokenBroker:
             raise TokenError(str(exc)) from None
         except StoreError as exc:
             raise TokenError(str(exc), reauthorize=True) from None
-        cache = new_cache(payload.get("msal_cache"))
-        state.key, state.verifier, state.stamp, state.cache = key, verifier, sealed.stamp, cache
-        state.version, state.meta = sealed.version, sealed.meta
+        state.key, state.verifier = key, verifier
+        self._apply(state, sealed, payload)
+        log.info("account %s unlocked (token valid for %.0f s)", name, max(0.0, state.expires_at - self.clock()))
+        if state.refresher is None or state.refresher.done():
+            state.refresher = asyncio.get_running_loop().create_task(self._keep_fresh(state))
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.get_running_loop().create_task(self._watch_store())
+
+    def _apply(self, state: AccountState, sealed: Sealed, payload: dict[str, Any]) -> None:
+        """Take a record's tokens and status as the account's current ones."""
+        name = state.account.username
+        meta = sealed.meta
+        state.stamp, state.version, state.meta = sealed.stamp, sealed.version, meta
+        state.cache = new_cache(payload.get("msal_cache"))
         state.home_account_id = payload.get("home_account_id")
         state.app = None
         state.access_token = payload.get("access_token")
         state.expires_at = float(payload.get("expires_at") or 0)
-        meta = sealed.meta
-        state.lifetime = max(60.0, state.expires_at - float(meta.get("last_refresh") or 0)) \
-            if meta.get("last_refresh") else 3600.0
+        if payload.get("lifetime"):
+            state.lifetime = max(1.0, float(payload["lifetime"]))
+        else:  # written before records held the lifetime
+            state.lifetime = max(60.0, state.expires_at - float(meta.get("last_refresh") or 0)) \
+                if meta.get("last_refresh") else 3600.0
         state.last_refresh, state.last_error = meta.get("last_refresh"), meta.get("last_error")
         state.dead = (f"the stored authorization no longer works ({meta.get('last_error')}); run `proxy authorize "
                       f"{name}`") if TokenStatus.from_meta(meta).state == NEEDS_AUTHORIZATION else None
+        state.unsaved = None
         if state.access_token:
             register_secret(state.access_token)
-        log.info("account %s unlocked (token valid for %.0f s)", name, max(0.0, state.expires_at - self.clock()))
-        if state.refresher is None or state.refresher.done():
-            state.refresher = asyncio.get_running_loop().create_task(self._keep_fresh(state))
+
+    def _drop(self, state: AccountState, dead: str | None = None) -> None:
+        """Forget an account's key and tokens: its record was replaced by a new authorization (the
+        next login derives the key from the new password) or deleted (``dead`` says so)."""
+        state.key = state.verifier = state.access_token = None
+        state.stamp = state.version = None
+        state.dead = dead
+        state.unsaved = None
+        if state.refresher is not None and state.refresher is not asyncio.current_task():
+            state.refresher.cancel()
+
+    # -- following other processes -----------------------------------------------------
+    def _store_changed(self, account: str) -> None:
+        """The store reports that another process changed ``account``'s record."""
+        state = self._states.get(account)
+        if state is not None and state.key is not None and not self._closed:
+            self._follow_soon(state)
+
+    def _follow_soon(self, state: AccountState) -> None:
+        if state.following is None or state.following.done():
+            state.following = asyncio.get_running_loop().create_task(self._follow(state))
+            state.following.add_done_callback(_consume_exception)
+
+    async def _follow(self, state: AccountState) -> None:
+        """Load another process's newer record of an account this process holds.
+
+        The same authorization (same salt): its tokens are loaded with the key held here, so a
+        refresh by one process serves all. A new authorization (`proxy authorize`, maybe with a
+        new password): the key and tokens are forgotten, and the next login must open the new
+        record with its password: the old one is refused from then on. Deleted: stop.
+        """
+        name = state.account.username
+        async with state.lock:
+            if state.key is None:
+                return
+            try:
+                sealed = await self.store.read(name)
+            except NoTokens:
+                log.info("account %s: stored tokens deleted; no longer refreshing", name)
+                self._drop(state, f"the stored tokens of {name} were deleted; run `proxy authorize {name}`")
+                return
+            except StoreError as exc:
+                log.debug("account %s: cannot read the changed record yet (%s)", name, exc)
+                return
+            if sealed.stamp == state.stamp or state.key is None:
+                return
+            if sealed.salt != state.key.salt:
+                log.info("account %s: authorized again (`proxy authorize`); the next login unlocks the new "
+                         "authorization", name)
+                self._drop(state)
+                return
+            try:
+                payload = open_sealed(sealed, state.key)
+            except StoreError as exc:  # WrongPassword: not written with this key after all
+                log.warning("account %s: the changed record does not open with the key held (%s)", name, exc)
+                self._drop(state)
+                return
+            self._apply(state, sealed, payload)
+            log.debug("account %s: loaded the tokens another process stored (valid for %.0f s)", name,
+                      max(0.0, state.expires_at - self.clock()))
+
+    async def _watch_store(self) -> None:
+        """Compare each held account's record with the store every ``poll_interval`` (engines that
+        push changes need this only as a backup) and save tokens refreshed during an outage."""
+        while not self._closed:
+            await asyncio.sleep(self.store.poll_interval)
+            for state in list(self._states.values()):
+                if state.key is None:
+                    continue
+                try:
+                    stamp = self.store.peek(state.account.username)
+                except StoreError:
+                    continue
+                if stamp != state.stamp:
+                    self._follow_soon(state)
+                elif state.unsaved and self.store.available and state.lease is None:
+                    await self._persist(state, state.unsaved)
 
     # -- refreshing ---------------------------------------------------------------------
     def _start_refresh(self, state: AccountState, eager: bool = False) -> asyncio.Task | None:
@@ -257,9 +369,95 @@ class TokenBroker:
         if state.refreshing is None or state.refreshing.done():
             if not policy.may_refresh(self.clock(), state.failed_at, state.backoff, login_waiting=eager):
                 return None
-            state.refreshing = asyncio.get_running_loop().create_task(self._refresh(state))
+            state.refreshing = asyncio.get_running_loop().create_task(self._coordinated_refresh(state))
             state.refreshing.add_done_callback(_consume_exception)
         return state.refreshing
+
+    async def _coordinated_refresh(self, state: AccountState) -> str:
+        """A refresh as one of several processes sharing the store (:meth:`_coordinate`)."""
+        try:
+            lease, token = await self._coordinate(state)
+        except StoreError as exc:
+            state.failed_at, state.backoff = self.clock(), STORE_RETRY  # the store, not the identity provider
+            state.last_error = f"token store: {exc}"
+            raise TokenError(f"the token store failed ({exc}); try again shortly") from None
+        if token is not None:
+            return token
+        state.lease = lease
+        try:
+            return await self._refresh(state)
+        except TokenError as exc:
+            if lease is None and exc.reauthorize and state.key is not None:
+                # Refused without a lease: another replica may have redeemed this refresh token
+                # meanwhile (Microsoft allows that, stricter providers do not). Only the store can
+                # tell; until it is back this is a failed refresh, not a dead authorization.
+                log.warning("account %s: refresh without a lease refused (%s); deciding once the token store "
+                            "is back", state.account.username, exc)
+                state.dead, state.unsaved = None, None
+                state.failed_at, state.backoff = self.clock(), policy.next_backoff(state.backoff)
+                raise TokenError(f"the token store is unreachable and the refresh was refused: {exc}") from None
+            raise
+        finally:
+            state.lease = None
+            if lease is not None:
+                try:
+                    await lease.release()
+                except StoreError:
+                    pass  # it expires by itself
+
+    async def _coordinate(self, state: AccountState) -> tuple[Lease | None, str | None]:
+        """Before refreshing: take the account's lease, so that one process refreshes for all.
+
+        Returns (lease, None) to refresh now, or (None, token) when another process refreshed
+        meanwhile and its token is good. While another process holds the lease, wait for its
+        result (or for its lease to run out, if it died). With the store unreachable, try again
+        every STORE_RETRY seconds (logins meanwhile use the token held); only once it has been
+        unreachable for UNLEASED_AFTER seconds and no usable token is left, refresh without a
+        lease (nothing can say who refreshes then; Microsoft accepts an old refresh token once
+        more, and serving beats waiting).
+        """
+        name = state.account.username
+        while True:
+            if state.key is None:
+                raise TokenError(f"the stored tokens of {name} were replaced or deleted; log in again")
+            if state.dead:
+                raise TokenError(state.dead, reauthorize=True)
+            try:
+                lease = await self.store.lease(name, self.lease_seconds)
+            except StoreUnavailable as exc:
+                if state.usable_token(self.clock()) or self.store.unavailable_for < UNLEASED_AFTER:
+                    await asyncio.sleep(STORE_RETRY)
+                    continue
+                log.warning("account %s: token store unreachable for %.0f s (%s) and no usable token left: "
+                            "refreshing without a lease", name, self.store.unavailable_for, exc)
+                return None, None
+            if lease is None:  # another process is refreshing: wait for its result
+                await asyncio.sleep(LEASE_POLL)
+                token = await self._fresh_from_store(state)
+            else:
+                # Another process may have refreshed just before: its record (read now, or already
+                # followed) may hold a token that needs no refresh yet.
+                token = await self._fresh_from_store(state, force=lease.version != state.version)
+                if token is None and state.key is not None and not state.dead:
+                    return lease, None
+                await lease.release()
+            if token is not None:
+                return None, token
+
+    async def _fresh_from_store(self, state: AccountState, force: bool = False) -> str | None:
+        """Load the account's newer record, if any; the token held then, if it needs no refresh now
+        (a token refused upstream was dropped by :meth:`reject`, so a forced refresh goes ahead)."""
+        try:
+            changed = force or self.store.peek(state.account.username) != state.stamp
+        except StoreError:
+            changed = False
+        if changed:
+            await self._follow(state)
+        now = self.clock()
+        token = state.usable_token(now)
+        if token is not None and policy.refresh_due_at(state.expires_at, state.lifetime, 0.0, 0.0) > now:
+            return token
+        return None
 
     async def _refresh(self, state: AccountState) -> str:
         name = state.account.username
@@ -312,35 +510,37 @@ class TokenBroker:
     async def _persist(self, state: AccountState, status: str = "ok") -> None:
         """Save the refreshed tokens, replacing exactly the version loaded (never a newer sign-in)."""
         name = state.account.username
+        if state.key is None:
+            return
+        if state.lease is None and not self.store.available:  # don't make the waiting logins wait for it
+            self._keep_unsaved(state, status, f"{self.store.describe()} unreachable")
+            return
         has_rt = has_refresh_token(state.cache)
-        payload = token_payload(state.cache, state.home_account_id, state.access_token, state.expires_at)
+        payload = token_payload(state.cache, state.home_account_id, state.access_token, state.expires_at,
+                                state.lifetime)
         meta = token_meta(name, expires_at=state.expires_at, has_refresh_token=has_rt,
                           last_refresh=state.last_refresh, last_error=state.last_error, state=status,
                           flow=state.account.flow)
         try:
-            sealed = await self.store.write(name, state.key, payload, meta, expected=state.version)
+            sealed = await self.store.write(name, state.key, payload, meta, expected=state.version, lease=state.lease)
         except Conflict:
-            self._superseded(state)
+            # Another process wrote meanwhile: `proxy authorize` (always wins), `proxy forget`, or a
+            # refresh made while this one could not reach the store. Theirs stays; follow it.
+            log.info("account %s: the stored tokens changed meanwhile; keeping the stored ones", name)
+            state.stamp = None
+            await self._follow(state)
+        except StoreUnavailable as exc:
+            self._keep_unsaved(state, status, str(exc))
         except (OSError, StoreError) as exc:
             log.error("account %s: cannot save refreshed tokens (%s); keeping them in memory", name, exc)
         else:
-            state.stamp, state.version, state.meta = sealed.stamp, sealed.version, sealed.meta
+            state.stamp, state.version, state.meta, state.unsaved = sealed.stamp, sealed.version, sealed.meta, None
 
-    def _superseded(self, state: AccountState) -> None:
-        """Another process replaced or deleted the record this process loaded."""
-        name = state.account.username
-        try:
-            deleted = self.store.peek(name) is None
-        except StoreError:
-            deleted = False
-        if deleted:
-            # `proxy forget`/`revoke` deleted the record: stop refreshing these tokens.
-            log.info("account %s: stored tokens deleted; no longer refreshing", name)
-            state.dead = f"the stored tokens of {name} were deleted; run `proxy authorize {name}`"
-        else:
-            # `proxy authorize` replaced the record meanwhile: never overwrite a newer sign-in.
-            log.info("account %s: stored tokens changed meanwhile; reloading at next login", name)
-        state.verifier = None
+    def _keep_unsaved(self, state: AccountState, status: str, reason: str) -> None:
+        if not state.unsaved:
+            log.warning("account %s: the token store is unreachable (%s); the refreshed tokens are kept in memory "
+                        "and saved when it is back", state.account.username, reason)
+        state.unsaved = status
 
     async def _keep_fresh(self, state: AccountState) -> None:
         """Background task: refresh ahead of expiry; back off on failures (honouring Retry-After)."""

@@ -15,7 +15,7 @@ from typing import Any
 import msal
 
 from ..config import FLOW_CLIENT_CREDENTIALS, AccountConfig, Config
-from .store import NoTokens, StoreError, StoreUnavailable, TokenStore
+from .store import NoTokens, Sealed, StoreError, StoreUnavailable, TokenStore
 # The states an account's tokens can be in.
 OK = "ok"
 NOT_AUTHORIZED = "not_authorized"            # no record: `proxy authorize` has not run
@@ -27,10 +27,12 @@ STATES = (OK, NOT_AUTHORIZED, NEEDS_AUTHORIZATION, UNREADABLE, REFRESH_FAILING, 
 
 
 def token_payload(cache: msal.SerializableTokenCache, home_account_id: str | None,
-                  access_token: str | None, expires_at: float | None) -> dict[str, Any]:
-    """What goes, encrypted, into a token record."""
+                  access_token: str | None, expires_at: float | None,
+                  lifetime: float | None = None) -> dict[str, Any]:
+    """What goes, encrypted, into a token record (``lifetime``: the access token's, as issued, so
+    that every process sharing the record times the next refresh alike)."""
     return {"msal_cache": cache.serialize(), "home_account_id": home_account_id,
-            "access_token": access_token, "expires_at": expires_at}
+            "access_token": access_token, "expires_at": expires_at, "lifetime": lifetime}
 
 
 def token_meta(username: str, *, expires_at: float | None, has_refresh_token: bool,
@@ -123,20 +125,25 @@ def _number(value: Any) -> bool:
 async def stored_status(store: TokenStore, owner: AccountConfig) -> TokenStatus:
     """An owner's token state as its stored record's clear status says (no password needed)."""
     try:
-        sealed = await store.read(owner.username)
-    except NoTokens:
-        return TokenStatus.missing(owner.flow)
+        found = (await store.read_many([owner.username]))[owner.key]
     except StoreUnavailable as exc:
         return TokenStatus.failed(exc, owner.flow, unavailable=True)
-    except StoreError as exc:
-        return TokenStatus.failed(exc, owner.flow)
-    return TokenStatus.from_meta(sealed.meta, owner.flow)
+    return _status(found, owner)
 
 
 async def owner_statuses(config: Config, store: TokenStore) -> dict[str, TokenStatus]:
     """The stored token state of every token owner in the config, by case-folded owner name."""
-    statuses: dict[str, TokenStatus] = {}
-    for account in config.accounts:
-        if account.owner_key not in statuses:
-            statuses[account.owner_key] = await stored_status(store, account.token_owner)
-    return statuses
+    owners = {a.owner_key: a.token_owner for a in config.accounts}
+    try:
+        found = await store.read_many([o.username for o in owners.values()])
+    except StoreUnavailable as exc:
+        return {key: TokenStatus.failed(exc, owner.flow, unavailable=True) for key, owner in owners.items()}
+    return {key: _status(found[key], owner) for key, owner in owners.items()}
+
+
+def _status(found: Sealed | StoreError, owner: AccountConfig) -> TokenStatus:
+    if isinstance(found, NoTokens):
+        return TokenStatus.missing(owner.flow)
+    if isinstance(found, StoreError):
+        return TokenStatus.failed(found, owner.flow)
+    return TokenStatus.from_meta(found.meta, owner.flow)

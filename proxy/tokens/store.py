@@ -153,6 +153,11 @@ class TokenStore(abc.ABC):
         """False while the store cannot be reached (the database is down)."""
         return True
 
+    @property
+    def unavailable_for(self) -> float:
+        """Seconds since the store became unreachable (0 while it can be reached)."""
+        return 0.0
+
     async def open(self, *, watch: bool = False) -> None:
         """Prepare the store for use (connect, create or migrate the table); ``watch``: also
         follow changes made by other processes (``proxy serve``)."""
@@ -173,6 +178,19 @@ class TokenStore(abc.ABC):
     @abc.abstractmethod
     async def read(self, account: str) -> Sealed:
         """Read the account's record; raises NoTokens, StoreError or StoreUnavailable."""
+
+    async def read_many(self, accounts: list[str]) -> dict[str, Sealed | StoreError]:
+        """Read several records at once (for status): by case-folded account, each a record or the
+        error reading it (NoTokens if there is none). Raises StoreUnavailable if the store is."""
+        found: dict[str, Sealed | StoreError] = {}
+        for account in accounts:
+            try:
+                found[account_key(account)] = await self.read(account)
+            except StoreUnavailable:
+                raise
+            except StoreError as exc:
+                found[account_key(account)] = exc
+        return found
 
     @abc.abstractmethod
     async def write(self, account: str, key: Key, payload: dict[str, Any], meta: dict[str, Any], *,
@@ -195,8 +213,12 @@ class TokenStore(abc.ABC):
 
 def open_store(config: Config) -> TokenStore:
     """The store the config names (not opened yet: call :meth:`TokenStore.open`)."""
+    tokens = config.token_store
+    if tokens.store == "postgresql":
+        from .postgres import PostgresStore
+        return PostgresStore(tokens.dsn or "", tokens.dsn_password)
     from .folder import FolderStore
-    return FolderStore(config.token_path)
+    return FolderStore(tokens.path)
 
 
 def account_key(account: str) -> str:
