@@ -12,11 +12,12 @@ RUN apt-get update \
  && install -d -m 0755 /config \
  && install -d -o 10001 -g 10001 -m 0700 /tokens
 
-# The package, installed with pip into its own virtual environment (no build tools kept).
+# The package with its PostgreSQL driver (docs/scale-out.md), installed with pip into its own virtual
+# environment (no build tools kept).
 COPY pyproject.toml README.md LICENSE /src/
 COPY proxy /src/proxy
 RUN python3 -m venv /opt/oauth2-mail-proxy \
- && /opt/oauth2-mail-proxy/bin/pip install --no-cache-dir --disable-pip-version-check /src \
+ && /opt/oauth2-mail-proxy/bin/pip install --no-cache-dir --disable-pip-version-check "/src[postgresql]" \
  && rm -rf /src
 
 # Settings the container fixes; any PROXY_<SECTION>_<KEY> overrides the config file the same way.

@@ -193,6 +193,32 @@ class AccountConfig:
         return self.mailbox.casefold() != self.owner_key
 
 
+STORE_FOLDER, STORE_POSTGRESQL = "folder", "postgresql"
+TOKEN_STORES = (STORE_FOLDER, STORE_POSTGRESQL)
+
+
+@dataclass(frozen=True)
+class TokensConfig:
+    """``tokens``: where the sealed token records live (docs/scale-out.md).
+
+    ``store: folder`` (default): one file per account in ``path``. ``store: postgresql``: a table
+    in the database ``dsn`` names (``postgresql://user@host:port/database``), shared by several
+    replicas; its password in the DSN or, better, in ``dsn_password_file``.
+    """
+
+    path: Path
+    store: str = STORE_FOLDER
+    dsn: str | None = field(default=None, repr=False)
+    dsn_password: str | None = field(default=None, repr=False)
+
+    def describe(self) -> str:
+        """The store without any password (for log lines about changed settings)."""
+        if self.store == STORE_POSTGRESQL and self.dsn:
+            from .tokens.postgres import redact_dsn
+            return f"postgresql {redact_dsn(self.dsn)}"
+        return f"folder {self.path}"
+
+
 @dataclass(frozen=True)
 class LimitsConfig:
     login_timeout: float = 25.0
@@ -213,6 +239,11 @@ class Config:
     tls: TlsConfig | None = None
     admin: AdminConfig | None = None
     pop3: ListenerConfig | None = None  # no POP3 listener without a pop3 section
+    tokens: TokensConfig | None = None  # None: the folder at token_path
+
+    @property
+    def token_store(self) -> TokensConfig:
+        return self.tokens or TokensConfig(path=self.token_path)
 
     def account(self, username: str) -> AccountConfig | None:
         folded = username.casefold()
@@ -307,9 +338,8 @@ def _parse_config(data: Any, *, base_dir: Path, source: Path | None, environ: Ma
                       "pop3.tls_listen": pop3_cfg.tls_listen if pop3_cfg else None,
                       "admin.listen": admin_cfg.listen if admin_cfg else None})
 
-    tokens = root.section("tokens")
-    token_path = tokens.path("path") or (base_dir / "tokens")
-    tokens.done()
+    tokens_cfg = _tokens(root.section("tokens"), base_dir)
+    token_path = tokens_cfg.path
 
     limits = root.section("limits")
     limits_cfg = LimitsConfig(
@@ -357,7 +387,7 @@ def _parse_config(data: Any, *, base_dir: Path, source: Path | None, environ: Ma
     root.done()
     return Config(identity=identity_cfg, imap=imap_cfg, smtp=smtp_cfg, token_path=token_path,
                   accounts=tuple(accounts), limits=limits_cfg, source=source, tls=tls_cfg, admin=admin_cfg,
-                  pop3=pop3_cfg)
+                  pop3=pop3_cfg, tokens=tokens_cfg)
 
 
 def _default_scopes(pop3: bool) -> tuple[str, ...]:
@@ -365,6 +395,32 @@ def _default_scopes(pop3: bool) -> tuple[str, ...]:
     if not pop3:
         return DEFAULT_SCOPES
     return (*DEFAULT_SCOPES[:-1], POP_SCOPE, DEFAULT_SCOPES[-1])
+
+
+def _tokens(section: "_Section", base_dir: Path) -> TokensConfig:
+    """``tokens``: the store, its folder or its database. The DSN may hold a password, so no
+    message here ever repeats it."""
+    path = section.path("path") or (base_dir / "tokens")
+    store = section.choice("store", STORE_FOLDER, TOKEN_STORES)
+    dsn = section.string("dsn")
+    password_file = section.path("dsn_password_file", must_exist=True)
+    section.done()
+    if store != STORE_POSTGRESQL:
+        if dsn is not None or password_file is not None:
+            key = "dsn" if dsn is not None else "dsn_password_file"
+            raise ConfigError(f"tokens.{key}: only used with tokens.store: postgresql (the store is {store})")
+        return TokensConfig(path=path)
+    if dsn is None:
+        raise ConfigError("tokens.dsn: required with tokens.store: postgresql (or $PROXY_TOKENS_DSN), e.g. "
+                          "postgresql://proxy@db.example.net:5432/proxy")
+    if not dsn.startswith(("postgresql://", "postgres://")):
+        raise ConfigError("tokens.dsn: expected a URL like postgresql://user@host:5432/database")
+    password = None
+    if password_file is not None:
+        password = _read(password_file, "tokens.dsn_password_file").strip()
+        if not password or "\n" in password:
+            raise ConfigError(f"tokens.dsn_password_file: {password_file} must hold the password on one line")
+    return TokensConfig(path=path, store=store, dsn=dsn, dsn_password=password)
 
 
 def _resolve_owners(accounts: list[AccountConfig]) -> list[AccountConfig]:

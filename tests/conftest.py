@@ -4,6 +4,7 @@
 - ``idp``: the local identity provider (tests/idp.py), serving HTTPS on 127.0.0.1.
 - ``sink``: an SMTP sink (tests/sink.py) that keeps every message's exact bytes.
 - ``dovecot``: a real Dovecot (tests/dovecot.py) trusting ``idp``'s tokens and relaying to ``sink``.
+- ``postgres``: a PostgreSQL cluster (tests/replicas.py), a database per test.
 - ``idp_reset``: use it in any test that changes the identity provider's settings, faults or
   listener, or that counts its requests: it starts from (and leaves) a clean state.
 
@@ -22,6 +23,7 @@ import pytest
 from tests.dovecot import Dovecot
 from tests.idp import IdentityProvider
 from tests.pki import TestPKI, make_test_pki
+from tests.replicas import PostgresServer
 from tests.sink import SinkServer
 
 
@@ -77,14 +79,28 @@ def dovecot(pki: TestPKI, idp: IdentityProvider, sink: SinkServer) -> Iterator[D
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL cluster from Debian's packages in a temporary folder (tests/replicas.py);
+    ``create_database(name)`` gives each test its own database and role."""
+    server = PostgresServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
-    """Attach the end of Dovecot's log to the report of a failed test that used it."""
+    """Attach the end of Dovecot's (and PostgreSQL's) log to the report of a failed test that used it."""
     outcome = yield
     report = outcome.get_result()  # type: ignore[attr-defined]
     server = getattr(item, "funcargs", {}).get("dovecot")
     if report.failed and isinstance(server, Dovecot):
         report.sections.append(("Dovecot log (last 20,000 characters)", server.log_text()[-20000:]))
+    database = getattr(item, "funcargs", {}).get("postgres")
+    if report.failed and isinstance(database, PostgresServer):
+        report.sections.append(("PostgreSQL log (last 10,000 characters)", database.log_text()[-10000:]))
 
 
 # ------------------------------------------------------------------ the SMTP side (tests/test_smtp*.py)

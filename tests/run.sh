@@ -11,6 +11,7 @@ APT_PACKAGES=(dovecot-imapd dovecot-submissiond dovecot-auth-lua swaks curl ca-c
               systemd  # systemd-analyze verify for contrib/oauth2-mail-proxy.service (issue 13)
               tinyproxy  # a real web proxy (HTTP CONNECT) for the identity provider and the upstreams (issue 13)
               dovecot-pop3d fetchmail getmail6  # POP3: the upstream's service and two real clients (issue 16)
+              postgresql haproxy  # replicas on a shared PostgreSQL token store behind a TCP balancer (issue 14)
               chromium chromium-driver  # a real headless browser for the sign-in test (issue 4)
               debootstrap buildah podman)  # build and run the container image (tests/test_container.py)
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
