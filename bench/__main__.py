@@ -17,7 +17,7 @@ import time
 import traceback
 
 from bench.bed import Bed
-from bench.scenarios import SCENARIOS, Context, Row, Sizes, fill
+from bench.scenarios import OPTIONAL_SCENARIOS, SCENARIOS, Context, Row, Sizes, fill
 
 FULL = Sizes()
 
@@ -62,7 +62,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (seconds): checks that the benchmark runs")
     parser.add_argument("--only", default=",".join(SCENARIOS),
-                        help=f"comma-separated scenarios to run (default: all of {','.join(SCENARIOS)})")
+                        help=f"comma-separated scenarios to run (default: all of {','.join(SCENARIOS)}; "
+                             f"on request: {','.join(OPTIONAL_SCENARIOS)})")
     parser.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, configs)")
@@ -82,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None:
             setattr(sizes, f.name, value)
     chosen = [name.strip() for name in args.only.split(",") if name.strip()]
-    unknown = [name for name in chosen if name not in SCENARIOS]
+    scenarios = {**SCENARIOS, **OPTIONAL_SCENARIOS}
+    unknown = [name for name in chosen if name not in scenarios]
     if unknown:
         print(f"unknown scenario(s): {', '.join(unknown)}", file=sys.stderr)
         return 2
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         fill(ctx)
         for name in chosen:
             try:
-                rows += SCENARIOS[name](ctx)
+                rows += scenarios[name](ctx)
             except Exception:
                 failed = failed or name
                 log(f"scenario {name} failed:\n{traceback.format_exc()}")

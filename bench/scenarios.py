@@ -501,6 +501,64 @@ def pop3(ctx: Context) -> list[Row]:
     return [row, cpu]
 
 
+# ------------------------------------------------------------------------------ 8. replicas (on request)
+def replicas(ctx: Context, count: int = 3) -> list[Row]:
+    """Three `proxy serve` replicas on a PostgreSQL token store behind HAProxy (tests/replicas.py,
+    the bed of the scale-out tests): LOGIN latency through HAProxy ("proxy" column) against one
+    proxy on its token folder ("direct" column); each replica's memory and database connections."""
+    from dataclasses import replace
+
+    from tests.harness import rss_kib
+    from tests.replicas import HAProxy, PostgresServer, Replicas
+
+    s, bed, account = ctx.sizes, ctx.bed, ctx.bed.account
+    p50 = Row(f"LOGIN → OK via HAProxy, {count} replicas on PostgreSQL, p50", "ms", higher_is_better=False,
+              note="direct column: one proxy on its token folder, without a balancer")
+    p99 = Row(f"LOGIN → OK via HAProxy, {count} replicas on PostgreSQL, p99", "ms", higher_is_better=False)
+    memory = Row("resident memory per replica", "MiB", higher_is_better=False)
+    connections = Row("database connections per replica", "", higher_is_better=False)
+    postgres = PostgresServer().start()
+    group = haproxy = None
+    try:
+        dsn, password = postgres.create_database("bench_tokens")
+        group = Replicas(bed.workdir / "replicas", idp=bed.idp, pki=bed.idp.pki, dovecot=bed.dovecot,
+                         accounts=[account.user], count=count, log_level="INFO",
+                         tokens={"store": "postgresql", "dsn": dsn.replace("@", f":{password}@", 1)},
+                         limits={"max_connections": 2000})
+        group.authorize(account.user, account.password)
+        group.start()
+        haproxy = HAProxy(bed.workdir / "haproxy", [group.ports(i) for i in range(count)]).start()
+        balanced = replace(ctx.proxy, port=haproxy.ports["imap"])
+        for target in (ctx.proxy, balanced, balanced, balanced):   # warm-up: every replica unlocks the account
+            for _ in range(count):
+                _login_and_close(target)
+        for run in range(s.runs):
+            for name, target in ((("direct", ctx.proxy), ("proxy", balanced)) if run % 2 == 0 else
+                                 (("proxy", balanced), ("direct", ctx.proxy))):
+                latencies = []
+                for _ in range(s.logins):
+                    client = SyncImap(target, timeout=30)
+                    latencies.append(client.login())
+                    client.close()
+                getattr(p50, name).append(_percentile(latencies, 0.5) * 1000)
+                getattr(p99, name).append(_percentile(latencies, 0.99) * 1000)
+        for process in group.processes:
+            if process is not None:
+                memory.proxy.append(rss_kib(process.pid) / 1024)
+        connections.proxy.append(postgres.connections("bench_tokens") / count)
+        ctx.log(f"replicas: LOGIN p50 one proxy {p50.median('direct'):.1f} ms, via HAProxy "
+                f"{p50.median('proxy'):.1f} ms; {memory.median('proxy'):.0f} MiB per replica")
+    finally:
+        if haproxy is not None:
+            haproxy.stop()
+        if group is not None:
+            group.stop()
+        postgres.stop()
+    return [p50, p99, memory, connections]
+
+
 SCENARIOS = {"fetch": fetch, "login": login_latency, "rate": login_rate, "burst": burst, "idle": idle,
              "stall": stall, "smtp": smtp, "pop3": pop3}
+# Run only when asked for (``--only replicas``): they need PostgreSQL and HAProxy (docs/scale-out.md).
+OPTIONAL_SCENARIOS = {"replicas": replicas}
 

@@ -1,7 +1,8 @@
 """A local identity provider speaking the Microsoft identity platform v2.0 shapes, over HTTPS.
 
 Real msal code runs against it: discovery, the authorization code flow with PKCE (a sign-in
-page, then a 302 or an auto-submitting form_post page), refresh with rotation, the device code
+page, then a 302 or an auto-submitting form_post page), refresh with rotation (strict on request:
+a redeemed refresh token is revoked at once), the device code
 flow and client credentials. Dovecot's oauth2 passdb validates its access tokens at
 ``/introspect``. Tests steer it with methods (lifetimes, revocation, faults, outages, counters),
 or from other processes with ``POST /_test/<method>`` and a JSON object of keyword arguments
@@ -49,7 +50,8 @@ _LOOPBACK_REDIRECT = re.compile(r"^http://(localhost|127\.0\.0\.1)(:\d{1,5})?(/[
 _CONTROLS = {"reset", "reset_counters", "counters", "set_access_token_lifetime", "set_access_token_length",
              "set_next_user", "deny_next", "revoke", "expire_access_tokens", "expire_refresh_tokens",
              "set_fault", "clear_faults", "mint_access_token", "approve_device", "decline_device",
-             "allow_delegation", "register_client", "stop_for", "grant_admin_consent"}
+             "allow_delegation", "register_client", "stop_for", "grant_admin_consent",
+             "set_strict_rotation", "refresh_log"}
 
 # AADSTS code -> (OAuth error, description), as Microsoft words them.
 _AADSTS: dict[int, tuple[str, str]] = {
@@ -128,6 +130,8 @@ class _Token:
     scope: str
     expires_at: float
     revoked: bool = False
+    family: str = ""        # refresh tokens: the sign-in they descend from
+    redeemed: bool = False  # refresh tokens: used once already
 
 
 @dataclass
@@ -275,6 +279,8 @@ class IdentityProvider:
             self.access_token_lifetime = 3600
             self.access_token_length = 256
             self.refresh_token_lifetime = 90 * 86400
+            self.strict_rotation = False
+            self._refresh_log: list[dict[str, Any]] = []
             self._next_user: str | None = None
             self._deny_next = False
             self._clients = {DEFAULT_CLIENT_ID: Client(DEFAULT_CLIENT_ID),
@@ -283,11 +289,14 @@ class IdentityProvider:
     def reset_counters(self) -> None:
         with self._lock:
             self._counters.clear()
+            self._refresh_log.clear()
 
     def counters(self) -> dict[str, int]:
         """Requests seen, by endpoint (``token``, ``introspect``, ``discovery``, ``authorize``, ``login``,
         ``devicecode``, ``delegation``), as ``token:<grant>`` (``authorization_code``, ``refresh_token``,
-        ``device_code``, ``client_credentials``) and as ``introspect:active``/``introspect:inactive``."""
+        ``device_code``, ``client_credentials``) and as ``introspect:active``/``introspect:inactive``;
+        ``invalid_grant``: token requests answered with that error; ``token:reused_refresh_token``:
+        redemptions of an already redeemed refresh token (answered ``invalid_grant`` in strict mode)."""
         with self._lock:
             return dict(self._counters)
 
@@ -297,6 +306,19 @@ class IdentityProvider:
 
     def set_access_token_lifetime(self, seconds: int) -> None:
         self.access_token_lifetime = int(seconds)
+
+    def set_strict_rotation(self, strict: bool = True) -> None:
+        """Revoke a refresh token as soon as it is redeemed (stricter than Microsoft, whose old refresh
+        tokens stay valid): a second redemption of the same one gets ``invalid_grant``, so any
+        double refresh by two processes shows."""
+        with self._lock:
+            self.strict_rotation = bool(strict)
+
+    def refresh_log(self) -> list[dict[str, Any]]:
+        """Every refresh_token grant so far: ``time``, ``user``, ``family`` (the sign-in it descends
+        from) and ``result`` ("ok" or the AADSTS error code)."""
+        with self._lock:
+            return [dict(entry) for entry in self._refresh_log]
 
     def set_access_token_length(self, length: int) -> None:
         """Length of new access tokens in characters (Microsoft's can exceed 4,096)."""
@@ -522,15 +544,25 @@ class IdentityProvider:
                 old = self._refresh.get(form.get("refresh_token", ""))
                 if old is None or old.client_id != client.client_id:
                     raise OAuthError(9002313)
+                entry = {"time": now, "user": old.user, "family": old.family, "result": "ok"}
+                self._refresh_log.append(entry)
+                if old.redeemed and self.strict_rotation:
+                    entry["result"] = "reused"
+                    self._counters["token:reused_refresh_token"] += 1
+                    raise OAuthError(70008)
                 if old.revoked:
+                    entry["result"] = "50173"
                     raise OAuthError(50173)
                 if old.expires_at < now:
+                    entry["result"] = "700082"
                     raise OAuthError(700082)
                 wanted = {s.casefold() for s in scopes if s not in OIDC_SCOPES}
                 if wanted - self._consents.get((old.user.lower(), client.client_id), set()) \
                         - self._admin_consents.get(client.client_id, set()):
+                    entry["result"] = "65001"
                     raise OAuthError(65001, client=client.client_id)
-                return self._user_tokens(old.user, client.client_id, scopes or old.scope.split())
+                old.redeemed = True
+                return self._user_tokens(old.user, client.client_id, scopes or old.scope.split(), family=old.family)
             if grant == DEVICE_GRANT:
                 device = self._devices.get(form.get("device_code", ""))
                 if device is None or device.client_id != client.client_id or device.redeemed:
@@ -609,7 +641,8 @@ class IdentityProvider:
             self._access[token] = _Token(user, client_id, scope, time.time() + lifetime)
             return token
 
-    def _user_tokens(self, user: str, client_id: str, scopes: list[str], nonce: str = "") -> dict[str, Any]:
+    def _user_tokens(self, user: str, client_id: str, scopes: list[str], nonce: str = "",
+                     family: str = "") -> dict[str, Any]:
         """A token response for a user: access token, new refresh token, id_token and client_info."""
         resource = " ".join(s for s in scopes if s not in OIDC_SCOPES) or " ".join(scopes)
         now, lifetime = int(time.time()), self.access_token_lifetime
@@ -619,7 +652,8 @@ class IdentityProvider:
         if "offline_access" in scopes:
             refresh = "0.AX" + secrets.token_urlsafe(48)
             with self._lock:
-                self._refresh[refresh] = _Token(user, client_id, " ".join(scopes), now + self.refresh_token_lifetime)
+                self._refresh[refresh] = _Token(user, client_id, " ".join(scopes), now + self.refresh_token_lifetime,
+                                                family=family or secrets.token_hex(6))
             response["refresh_token"] = refresh
         claims = {"ver": "2.0", "iss": f"{self.url}/{TENANT_ID}/v2.0", "sub": _oid(user + client_id),
                   "aud": client_id, "exp": now + 3600, "iat": now, "nbf": now, "oid": _oid(user), "tid": TENANT_ID,
@@ -755,6 +789,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             else:
                 self._send(405, {"error": "method_not_allowed"})
         except OAuthError as exc:
+            if exc.error == "invalid_grant" and endpoint == "token":
+                with idp._lock:
+                    idp._counters["invalid_grant"] += 1
             if endpoint in ("authorize", "login", "devicelogin"):
                 self._send(exc.status, f"<!doctype html><title>Sign-in error</title><p>{html.escape(str(exc))}</p>",
                            "text/html")
