@@ -355,7 +355,6 @@ def fault_run(tmp_path: Path, idp, pki, dovecot, *, count: int, faults: dict[flo
 def check_run(run: Run, idp, replicas: Replicas, accounts: list[str], changer: str, revoked: str,
               measured: dict[str, float], authorized_at: dict[str, float], metrics: list[dict],
               status: list[dict]) -> dict:
-    end = run.events["end"]
     killed, restarted = next(iter(run.down.values()))
     counters = idp.counters()
     refreshes = idp.refresh_log()
