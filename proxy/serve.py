@@ -60,7 +60,8 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None, stop: asy
             else:
                 log.info("account %s: authorized", account.username)
     else:
-        log.warning("token store %s not reachable yet: not ready until it is (logins wait for it)", store.describe())
+        log.warning("token store %s not reachable yet (%s): not ready until it is (logins wait for it)",
+                    store.describe(), store.last_error or "unknown")
     try:
         await imap.start()
         await smtp.start()

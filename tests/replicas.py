@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.harness import ProxyProcess, authorize, free_port, wait_port, write_config
+from tests.harness import ProxyProcess, authorize, end_process, free_port, wait_port, write_config
 
 PACKAGES = "postgresql haproxy"
 
@@ -181,13 +181,8 @@ class HAProxy:
         return self
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            end_process(self.process)
 
 
 class Replicas:

@@ -7,11 +7,13 @@ a lost connection, and operations that wait out a restart."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
 
 import pytest
+import yaml
 
 from proxy.tokens.postgres import LATEST, SCHEMA_TABLE, TABLE, PostgresStore, redact_dsn
 from proxy.tokens.store import Conflict, NoTokens, StoreUnavailable, derive_key, key_for, open_sealed
@@ -33,6 +35,19 @@ def run(coroutine):
     return asyncio.run(coroutine)
 
 
+@contextlib.asynccontextmanager
+async def opened(dsn: str, password: str | None, count: int = 1, *, watch: bool = False):
+    """``count`` stores on the database, opened (``watch``: as `proxy serve` does), closed after."""
+    stores = [PostgresStore(dsn, password) for _ in range(count)]
+    try:
+        for store in stores:
+            await store.open(watch=watch)
+        yield stores
+    finally:
+        for store in stores:
+            await store.close()
+
+
 def test_table_is_created_once_on_first_use_by_replicas_starting_together(postgres, database):
     name, dsn, password = database
 
@@ -41,9 +56,8 @@ def test_table_is_created_once_on_first_use_by_replicas_starting_together(postgr
         await asyncio.gather(*(s.open() for s in stores))
         for store in stores:
             await store.close()
-        again = PostgresStore(dsn, password)
-        await again.open()
-        await again.close()
+        async with opened(dsn, password):
+            pass
 
     run(main())
     assert postgres.sql(f"SELECT version FROM {SCHEMA_TABLE} ORDER BY version", name) == str(LATEST)
@@ -59,11 +73,8 @@ def test_a_schema_from_a_newer_proxy_is_refused(postgres, database):
 
 
 async def _open_close(dsn, password):
-    store = PostgresStore(dsn, password)
-    try:
-        await store.open()
-    finally:
-        await store.close()
+    async with opened(dsn, password):
+        pass
 
 
 def test_records_are_sealed_and_a_pg_dump_holds_no_secret(postgres, database):
@@ -71,9 +82,7 @@ def test_records_are_sealed_and_a_pg_dump_holds_no_secret(postgres, database):
     local_password = "correct horse battery"
 
     async def main():
-        store = PostgresStore(dsn, password)
-        await store.open()
-        try:
+        async with opened(dsn, password) as (store,):
             key = derive_key(local_password, kdf=FAST)
             written = await store.write("Alice@Firm.de", key, {"refresh": SECRET}, {"state": "ok"})
             sealed = await store.read("alice@firm.de")
@@ -82,8 +91,6 @@ def test_records_are_sealed_and_a_pg_dump_holds_no_secret(postgres, database):
             assert store.peek("ALICE@firm.de") == sealed.stamp
             with pytest.raises(NoTokens):
                 await store.read("bob@firm.de")
-        finally:
-            await store.close()
 
     run(main())
     dump = postgres.dump(name)
@@ -95,9 +102,7 @@ def test_writes_compare_and_swap_and_authorize_always_wins(database):
     _, dsn, password = database
 
     async def main():
-        store = PostgresStore(dsn, password)
-        await store.open()
-        try:
+        async with opened(dsn, password) as (store,):
             key = derive_key("first password", kdf=FAST)
             first = await store.write("alice@firm.de", key, {"n": 1}, {})
             second = await store.write("alice@firm.de", key, {"n": 2}, {}, expected=first.version)
@@ -113,8 +118,6 @@ def test_writes_compare_and_swap_and_authorize_always_wins(database):
             with pytest.raises(Conflict):
                 await store.write("alice@firm.de", key, {"n": 6}, {}, expected=second.version)
             assert open_sealed(await store.read("alice@firm.de"), key) == {"n": 5}
-        finally:
-            await store.close()
 
     run(main())
 
@@ -123,10 +126,7 @@ def test_one_lease_per_account_timed_by_the_database_clock(postgres, database):
     name, dsn, password = database
 
     async def main():
-        a, b = PostgresStore(dsn, password), PostgresStore(dsn, password)
-        await a.open()
-        await b.open()
-        try:
+        async with opened(dsn, password, 2) as (a, b):
             key = derive_key("pw", kdf=FAST)
             record = await a.write("alice@firm.de", key, {"n": 1}, {})
             lease = await a.lease("alice@firm.de", 1.5)
@@ -141,9 +141,6 @@ def test_one_lease_per_account_timed_by_the_database_clock(postgres, database):
             await asyncio.sleep(1.7)                                     # b "died": its lease runs out
             assert await a.lease("alice@firm.de", 30) is not None
             assert (await b.lease("nobody@firm.de", 5)).version is None  # no record: nothing to refresh
-        finally:
-            await a.close()
-            await b.close()
 
     run(main())
 
@@ -152,12 +149,9 @@ def test_changes_are_pushed_and_a_lost_connection_resyncs(postgres, database):
     name, dsn, password = database
 
     async def main():
-        writer, watcher = PostgresStore(dsn, password), PostgresStore(dsn, password)
-        await writer.open()
         changes: list[str] = []
-        watcher.watch(changes.append)
-        await watcher.open(watch=True)
-        try:
+        async with opened(dsn, password) as (writer,), opened(dsn, password, watch=True) as (watcher,):
+            watcher.watch(changes.append)
             await _until(lambda: watcher.available, "the watcher connected")
             key = derive_key("pw", kdf=FAST)
             record = await writer.write("alice@firm.de", key, {"n": 1}, {})
@@ -170,9 +164,6 @@ def test_changes_are_pushed_and_a_lost_connection_resyncs(postgres, database):
             assert "alice@firm.de" in changes
             await writer.delete("alice@firm.de")
             await _until(lambda: watcher.peek("alice@firm.de") is None, "the deletion")
-        finally:
-            await writer.close()
-            await watcher.close()
 
     run(main())
 
@@ -181,9 +172,7 @@ def test_operations_wait_out_a_restart_and_report_an_outage(postgres, database, 
     name, dsn, password = database
 
     async def main():
-        store = PostgresStore(dsn, password)
-        await store.open()
-        try:
+        async with opened(dsn, password) as (store,):
             key = derive_key("pw", kdf=FAST)
             await store.write("alice@firm.de", key, {"n": 1}, {})
             restart = asyncio.get_running_loop().run_in_executor(None, postgres.restart)
@@ -192,8 +181,6 @@ def test_operations_wait_out_a_restart_and_report_an_outage(postgres, database, 
             assert open_sealed(await store.read("alice@firm.de"), key) == {"n": 1}   # retried until it is back
             assert time.monotonic() - started < 10
             await restart
-        finally:
-            await store.close()
         wrong = PostgresStore(dsn.replace("@", ":not-the-password@"), None)
         with pytest.raises(StoreUnavailable) as refused:
             await wrong.open()
@@ -223,3 +210,34 @@ async def _until(predicate, what: str, timeout: float = 10.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.05)
+
+
+def test_the_tokens_section_names_the_store_and_never_repeats_the_dsn(tmp_path):
+    from proxy.config import ConfigError, load_config, parse_config
+    from proxy.tokens.store import open_store
+    from tests.test_config import BASE
+
+    secret = tmp_path / "db-password"
+    secret.write_text("pw-from-a-file\n")
+    config = parse_config({**BASE, "tokens": {"store": "postgresql", "dsn": "postgresql://proxy@db:5432/tokens",
+                                              "dsn_password_file": str(secret)}}, base_dir=tmp_path)
+    store = open_store(config)
+    assert isinstance(store, PostgresStore) and store.describe() == "PostgreSQL proxy@db:5432/tokens"
+    assert config.token_store.dsn_password == "pw-from-a-file"
+    assert "pw-from-a-file" not in repr(config) and "pw-from-a-file" not in config.token_store.describe()
+    folder = parse_config(BASE, base_dir=tmp_path)
+    assert folder.token_store.store == "folder" and open_store(folder).describe() == f"the token folder {tmp_path}/tokens"
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({**BASE, "tokens": {"store": "postgresql"}}))
+    from_env = load_config(path, {"PROXY_TOKENS_DSN": "postgresql://proxy:s3cret-in-env@db/tokens"})
+    assert from_env.token_store.dsn == "postgresql://proxy:s3cret-in-env@db/tokens"
+    assert "s3cret-in-env" not in from_env.token_store.describe()
+    for tokens, key in (({"store": "postgresql"}, "tokens.dsn: required"),
+                        ({"store": "postgresql", "dsn": "mysql://u:s3cret@h/db"}, "tokens.dsn: expected a URL"),
+                        ({"dsn": "postgresql://u:s3cret@h/db"}, "tokens.dsn: only used with tokens.store: postgresql"),
+                        ({"store": "sqlite"}, "tokens.store"),
+                        ({"store": "postgresql", "dsn": "postgresql://u@h/db", "dsn_password_file": str(tmp_path / "no")},
+                         "tokens.dsn_password_file")):
+        with pytest.raises(ConfigError, match=key) as error:
+            parse_config({**BASE, "tokens": tokens}, base_dir=tmp_path)
+        assert "s3cret" not in str(error.value)

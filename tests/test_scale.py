@@ -630,3 +630,33 @@ def test_a_replica_serves_unlocked_accounts_while_postgresql_is_down(tmp_path, s
     log = "".join(text for _, text in replicas.log_texts())
     assert "token store PostgreSQL" in log and "unreachable" in log and "reachable" in log
     assert db_password not in log and strict_idp.counters().get("invalid_grant", 0) == 0
+
+
+def test_a_replica_started_while_postgresql_is_down_becomes_ready_when_it_is_back(tmp_path, idp_reset, pki, dovecot,
+                                                                                  postgres):
+    """Not ready until the store was read once; then ready, and the account unlocks."""
+    name = f"late_{uuid.uuid4().hex[:8]}"
+    dsn, db_password = postgres.create_database(name)
+    alice = user("alice")
+    replicas = Replicas(tmp_path / "replicas", idp=idp_reset, pki=pki, dovecot=dovecot, accounts=[alice], count=1,
+                        tokens={"store": "postgresql", "dsn": dsn.replace("@", f":{db_password}@", 1)})
+    replicas.authorize(alice, PASSWORD)
+    outage = threading.Thread(target=postgres.outage, args=(8,), daemon=True)
+    outage.start()
+    time.sleep(1.5)
+    try:
+        replicas.start()
+        admin = replicas.admin_ports[0]
+        assert http_get(admin, "/readyz")[0] == 503             # listening, but the store never read
+        assert http_get(admin, "/healthz")[0] == 200
+        outage.join(30)
+        deadline = time.monotonic() + 15
+        while http_get(admin, "/readyz")[0] != 200:
+            assert time.monotonic() < deadline, "not ready after the database came back"
+            time.sleep(0.2)
+        assert login_once(replicas.ports(0)["imap"], alice, PASSWORD)[0] == "ok"
+    finally:
+        outage.join(30)
+        replicas.stop()
+    log = "".join(text for _, text in replicas.log_texts())
+    assert "not reachable yet (" in log and db_password not in log

@@ -12,7 +12,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from tests.harness import free_port, wait_port
+from tests.harness import end_process, free_port, wait_port
 
 
 class TinyProxy:
@@ -55,13 +55,7 @@ class TinyProxy:
         return len(re.findall(rf"Request \(file descriptor \d+\): CONNECT {re.escape(host)}:{port} ", self.log_text()))
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        end_process(self.process)
 
     def __enter__(self) -> "TinyProxy":
         return self

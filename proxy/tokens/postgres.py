@@ -113,10 +113,12 @@ class PostgresStore(TokenStore):
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._pool = None
         self._versions: dict[str, int] = {}   # account -> version, as last seen
+        self._updates = 0                     # counts changes to _versions other than by a resync
         self._synced = False                  # _versions has been read in full at least once
         self._available = False
         self._down_since = time.monotonic()
         self._last_error: str | None = None
+        self._reported: str | None = None
         self._watchers: list[Callable[[str], None]] = []
         self._listener: asyncio.Task | None = None
         self._closed = False
@@ -267,7 +269,7 @@ class PostgresStore(TokenStore):
                 conn.add_termination_listener(lambda _conn: lost.set())
                 await conn.add_listener(CHANNEL, self._notified)
                 await self._resync(retry_for=0)
-                delay = 0.2
+                delay, self._reported = 0.2, None
                 while not lost.is_set() and not self._closed:
                     try:
                         await asyncio.wait_for(lost.wait(), RESYNC_INTERVAL)
@@ -278,18 +280,23 @@ class PostgresStore(TokenStore):
                     self._set_available(False, "the connection was closed")
             except asyncio.CancelledError:
                 raise
-            except StoreUnavailable:
-                pass  # _run said so
-            except StoreError as exc:
-                log.error("token store: %s", exc)
+            except StoreError as exc:  # unreachable, login refused, a schema from a newer proxy
+                self._report(str(exc))
             except Exception as exc:  # connection errors of every kind: try again
                 self._set_available(False, _connection_problem(exc))
+                self._report(f"the token store {self.describe()} is unreachable ({_connection_problem(exc)})")
             finally:
                 if conn is not None:
                     conn.terminate()
             if not self._closed:
                 await asyncio.sleep(delay)
                 delay = min(5.0, delay * 2)
+
+    def _report(self, text: str) -> None:
+        """Log why the store cannot be followed, once per reason (it is retried every few seconds)."""
+        if text != self._reported:
+            self._reported = text
+            log.warning("%s; trying again", text)
 
     def _notified(self, _conn, _pid, _channel, payload: str) -> None:
         version, _, account = payload.partition(" ")
@@ -301,10 +308,18 @@ class PostgresStore(TokenStore):
             self._versions[account] = int(version)
         else:
             self._versions.pop(account, None)
+        self._updates += 1
         self._changed(account)
 
     async def _resync(self, retry_for: float = RETRY_FOR) -> None:
-        rows = await self._run(lambda conn: conn.fetch(f"SELECT account, version FROM {TABLE}"), retry_for=retry_for)
+        """Read every version; a snapshot overtaken by a notification or a write meanwhile is read
+        again, so it never replaces newer knowledge."""
+        for _ in range(3):
+            updates = self._updates
+            rows = await self._run(lambda conn: conn.fetch(f"SELECT account, version FROM {TABLE}"),
+                                   retry_for=retry_for)
+            if self._updates == updates:
+                break
         seen = {row["account"]: int(row["version"]) for row in rows}
         changed = {a for a, v in seen.items() if self._versions.get(a) != v} | (set(self._versions) - set(seen))
         self._versions, self._synced = seen, True
@@ -395,6 +410,7 @@ class PostgresStore(TokenStore):
                     raise Conflict(f"{self.where(account)} was created meanwhile") from None
                 continue
             self._versions[name] = sealed.serial
+            self._updates += 1
             return sealed
         raise StoreError(f"{self.where(account)}: could not be written (concurrent writers); try again")
 
@@ -410,6 +426,7 @@ class PostgresStore(TokenStore):
 
         deleted = await self._run(transaction)
         self._versions.pop(name, None)
+        self._updates += 1
         return deleted
 
     async def lease(self, account: str, seconds: float) -> Lease | None:

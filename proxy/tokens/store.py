@@ -154,6 +154,11 @@ class TokenStore(abc.ABC):
         return True
 
     @property
+    def last_error(self) -> str | None:
+        """Why the store could not be reached last, for messages."""
+        return None
+
+    @property
     def unavailable_for(self) -> float:
         """Seconds since the store became unreachable (0 while it can be reached)."""
         return 0.0
