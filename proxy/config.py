@@ -415,6 +415,13 @@ def _tokens(section: "_Section", base_dir: Path) -> TokensConfig:
                           "postgresql://proxy@db.example.net:5432/proxy")
     if not dsn.startswith(("postgresql://", "postgres://")):
         raise ConfigError("tokens.dsn: expected a URL like postgresql://user@host:5432/database")
+    try:  # (never repeat the DSN: it may hold a password)
+        port = urllib.parse.urlsplit(dsn).port
+    except ValueError:
+        port = -1
+    if port is not None and not 0 < port < 65536:
+        raise ConfigError("tokens.dsn: not a valid URL (check the host and the port), expected "
+                          "postgresql://user@host:5432/database")
     password = None
     if password_file is not None:
         password = _read(password_file, "tokens.dsn_password_file").strip()

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from proxy.tokens.postgres import LATEST, SCHEMA_TABLE, TABLE, PostgresStore, redact_dsn
-from proxy.tokens.store import Conflict, NoTokens, StoreUnavailable, derive_key, key_for, open_sealed
+from proxy.tokens.store import Conflict, NoTokens, StoreError, StoreUnavailable, derive_key, key_for, open_sealed
 from tests.faultbed import leaks
 
 FAST = {"name": "scrypt", "n": 2**10, "r": 8, "p": 1}
@@ -197,6 +197,10 @@ def test_the_dsn_password_is_never_shown():
         "postgresql://proxy:***@db:5432/tokens?sslmode=require"
     store = PostgresStore("postgresql://proxy:s3cret@db.example:5433/tokens", None)
     assert store.describe() == "PostgreSQL proxy@db.example:5433/tokens" and "s3cret" not in store.where("a@b")
+    for dsn in ("postgresql://u:s3cret@127.0.0.1:1/db?sslmode=bogus", "postgresql://u:s3cret@127.0.0.1:x/db"):
+        with pytest.raises(StoreError, match="tokens.dsn cannot be used") as refused:   # not a traceback
+            run(_open_close(dsn, None))
+        assert "s3cret" not in str(refused.value)
 
 
 async def _until(predicate, what: str, timeout: float = 10.0) -> None:
@@ -236,6 +240,8 @@ def test_the_tokens_section_names_the_store_and_never_repeats_the_dsn(tmp_path):
                         ({"store": "postgresql", "dsn": "mysql://u:s3cret@h/db"}, "tokens.dsn: expected a URL"),
                         ({"dsn": "postgresql://u:s3cret@h/db"}, "tokens.dsn: only used with tokens.store: postgresql"),
                         ({"store": "sqlite"}, "tokens.store"),
+                        ({"store": "postgresql", "dsn": "postgresql://u:s3cret@h:99999/db"}, "not a valid URL"),
+                        ({"store": "postgresql", "dsn": "postgresql://u:s3cret@[::1/db"}, "not a valid URL"),
                         ({"store": "postgresql", "dsn": "postgresql://u@h/db", "dsn_password_file": str(tmp_path / "no")},
                          "tokens.dsn_password_file")):
         with pytest.raises(ConfigError, match=key) as error:

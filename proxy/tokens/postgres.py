@@ -107,7 +107,8 @@ class PostgresStore(TokenStore):
 
     def __init__(self, dsn: str, password: str | None = None):
         self.dsn, self._password = dsn, password
-        for secret in (password, urllib.parse.urlsplit(dsn).password if "://" in dsn else None):
+        parts = _split(dsn)
+        for secret in (password, parts.password if parts is not None else None):
             if secret:
                 register_secret(secret)
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
@@ -124,7 +125,9 @@ class PostgresStore(TokenStore):
         self._closed = False
 
     def describe(self) -> str:
-        parts = urllib.parse.urlsplit(self.dsn)
+        parts = _split(self.dsn)
+        if parts is None:
+            return "PostgreSQL (tokens.dsn is not a valid URL)"
         host = parts.hostname or "localhost"
         where = f"{host}:{parts.port}" if parts.port else host
         user = f"{parts.username}@" if parts.username else ""
@@ -202,6 +205,8 @@ class PostgresStore(TokenStore):
                 self._set_available(False, f"the database refused the login ({exc.__class__.__name__})")
                 raise StoreUnavailable(f"the token store {self.describe()} refused the login: check tokens.dsn and "
                                        "tokens.dsn_password_file") from None
+            except asyncpg.ClientConfigurationError as exc:  # (an InterfaceError: before the next clause)
+                raise _unusable_dsn(exc) from None
             except asyncpg.InsufficientPrivilegeError as exc:
                 raise StoreError(f"{self.describe()}: the database user lacks a privilege ({_first_line(exc)}); "
                                  "see docs/scale-out.md") from None
@@ -217,6 +222,8 @@ class PostgresStore(TokenStore):
             except asyncpg.PostgresError as exc:
                 raise StoreError(f"{self.describe()}: database error {exc.sqlstate} "
                                  f"({exc.__class__.__name__})") from None
+            except (ValueError, OverflowError, TypeError) as exc:
+                raise _unusable_dsn(exc) from None
 
     def _set_available(self, available: bool, reason: str | None = None) -> None:
         if available and not self._available:
@@ -474,6 +481,22 @@ _UNKNOWN = object()  # peek() before the versions were read once
 
 class _Retry(Exception):
     """A concurrent insert won the race: run the transaction again."""
+
+
+def _unusable_dsn(exc: Exception) -> StoreError:
+    # Only the class: the driver's message may quote the DSN, password and all.
+    return StoreError(f"tokens.dsn cannot be used ({exc.__class__.__name__}): check the host, the port and "
+                      "the parameters")
+
+
+def _split(dsn: str) -> urllib.parse.SplitResult | None:
+    """The DSN's parts (None if it is not a URL with a valid port)."""
+    try:
+        parts = urllib.parse.urlsplit(dsn)
+        parts.port  # noqa: B018 (raises ValueError for a bad port)
+        return parts
+    except ValueError:
+        return None
 
 
 def _first_line(exc: Exception) -> str:
