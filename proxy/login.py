@@ -143,7 +143,7 @@ async def _upstream_login(broker: TokenBroker, upstream: Upstream[C], grant: Log
             try:
                 return conn, await upstream.authenticate(conn, mailbox, token)
             except TokenRejected as exc:
-                if attempt == 2 or not broker.reject(grant, token):
+                if attempt == 2 or not broker.reject(grant, token, protocol):
                     raise LoginFailed(LoginFailed.REJECTED, rejected_text(
                         grant, str(exc), missing_permission(protocol, token, grant.state.granted_scope))) from None
                 log.info("upstream refused the token for %s; refreshing once and retrying", mailbox)

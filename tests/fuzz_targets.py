@@ -316,7 +316,7 @@ class _FakeBroker:
     async def access_token(self, state, timeout: float) -> str:
         return "fake-access-token"
 
-    def reject(self, state, token: str) -> bool:
+    def reject(self, state, token: str, protocol: str = "") -> bool:
         return False
 
 

@@ -86,12 +86,15 @@ class AccountState:
     expires_at: float = 0.0
     lifetime: float = 3600.0
     obtained_at: float = 0.0
-    last_forced: float = 0.0
+    forced_at: float | None = None  # the current token came from a forced refresh at this time...
+    forced_by: str | None = None    # ...because this protocol's server refused the one before
+    force_pending: str | None = None  # a forced refresh was asked for by this protocol
     last_refresh: float | None = None
     last_error: str | None = None
     granted_scope: str | None = None  # as the last token response listed it (for `proxy check`)
     failed_at: float = 0.0  # time of the last failed refresh (0: the last one succeeded)
     backoff: float = 0.0
+    login_pause: float = policy.LOGIN_RETRY_INTERVAL  # after a failure, a waiting login retries this often
     dead: str | None = None  # reason the refresh token is unusable (needs `proxy authorize`)
     refreshing: asyncio.Task | None = None
     refresher: asyncio.Task | None = None
@@ -152,25 +155,40 @@ class TokenBroker:
         return grant
 
     async def access_token(self, grant: LoginGrant, timeout: float) -> str:
-        """A valid access token for the account, within ``timeout`` seconds or TokenError."""
+        """An access token for a login, within ``timeout`` seconds or TokenError.
+
+        Preferably a fresh one (at least half its lifetime left, :func:`policy.fresh`): Exchange
+        ends a session when the token it logged in with expires. A login that finds less waits
+        for a refresh; if that fails, or takes more than :func:`policy.refresh_budget`, and the
+        old token is still usable, the login goes on with the old token.
+        """
         state = grant.state
         if state.dead:
             raise TokenError(state.dead, reauthorize=True)
         now = self.clock()
-        token = state.usable_token(now)
-        if token is not None:
-            if state.expires_at - now < policy.refresh_margin(state.lifetime):
-                self._start_refresh(state)  # ahead of expiry, without making this login wait
-            return token
+        current = state.usable_token(now)
+        if current is not None and policy.fresh(state.expires_at, state.lifetime, now):
+            return current
         task = self._start_refresh(state, eager=True)
-        if task is None:
-            wait = policy.login_retry_in(now, state.failed_at, state.backoff)
+        if task is None:  # backing off after a failed refresh
+            if current is not None:
+                return current
+            wait = policy.login_retry_in(now, state.failed_at, state.backoff, state.login_pause)
             raise TokenError(f"no valid token, and the last refresh failed ({state.last_error}); "
                              f"retrying in {wait:.0f} s", retry_after=wait)
+        budget = timeout if current is None else min(timeout, policy.refresh_budget(timeout))
         try:
-            return await asyncio.wait_for(asyncio.shield(task), timeout)
+            return await asyncio.wait_for(asyncio.shield(task), budget)
         except asyncio.TimeoutError:
+            if current is not None and state.usable_token(self.clock()) is not None:
+                log.info("account %s: refresh still running; this login uses the current token",
+                         state.account.username)
+                return current
             raise TokenError("the identity provider did not answer in time") from None
+        except TokenError:
+            if state.dead or current is None or not policy.usable(state.expires_at, state.lifetime, self.clock()):
+                raise
+            return current  # the refresh failed, but the old token is still valid
 
     async def force_refresh(self, grant: LoginGrant, timeout: float) -> str:
         """A token fetched from the identity provider now (for `proxy check`), or TokenError."""
@@ -178,16 +196,19 @@ class TokenBroker:
         grant.state.failed_at = 0.0
         return await self.access_token(grant, timeout)
 
-    def reject(self, grant: LoginGrant, token: str) -> bool:
-        """The upstream server refused ``token``. Returns True if a fresh one may be tried."""
+    def reject(self, grant: LoginGrant, token: str, protocol: str = "") -> bool:
+        """The upstream ``protocol`` server refused ``token``. Returns True if a fresh one may be tried.
+
+        The allowance is per token (:func:`policy.may_force_refresh`): a token is replaced by
+        force at most once, and one protocol's refusals never stop another's refresh-and-retry.
+        """
         state = grant.state
         if token != state.access_token:
             return True  # someone already replaced it
-        now = self.clock()
-        if now - state.last_forced < policy.MIN_FORCED_REFRESH_INTERVAL:
-            return False  # it was just refreshed and still refused: refreshing again won't help
-        state.last_forced = now
+        if not policy.may_force_refresh(self.clock(), state.forced_at, state.forced_by, protocol):
+            return False  # it was just refreshed for this protocol and still refused: refreshing won't help
         state.access_token = None
+        state.force_pending = protocol
         return True
 
     def held_state(self, owner: str) -> AccountState | None:
@@ -367,7 +388,8 @@ class TokenBroker:
         ``eager`` (a login is waiting) shortens the backoff (:func:`policy.may_refresh`).
         """
         if state.refreshing is None or state.refreshing.done():
-            if not policy.may_refresh(self.clock(), state.failed_at, state.backoff, login_waiting=eager):
+            if not policy.may_refresh(self.clock(), state.failed_at, state.backoff, login_waiting=eager,
+                                      login_pause=state.login_pause):
                 return None
             state.refreshing = asyncio.get_running_loop().create_task(self._coordinated_refresh(state))
             state.refreshing.add_done_callback(_consume_exception)
@@ -462,6 +484,7 @@ class TokenBroker:
     async def _refresh(self, state: AccountState) -> str:
         name = state.account.username
         started = self.clock()
+        forced_by, state.force_pending = state.force_pending, None
         try:
             result = await self._run(self._refresh_sync, state)
         except TokenError as exc:
@@ -484,6 +507,7 @@ class TokenBroker:
         lifetime = float(result.get("expires_in") or 3600)
         state.access_token, state.lifetime = token, max(1.0, lifetime)
         state.expires_at, state.obtained_at = started + lifetime, started
+        state.forced_at, state.forced_by = (started, forced_by) if forced_by is not None else (None, None)
         state.last_refresh, state.last_error = self.clock(), None
         state.granted_scope = result.get("scope") or state.granted_scope
         state.backoff, state.failed_at = 0.0, 0.0
