@@ -5,6 +5,8 @@
 - ``sink``: an SMTP sink (tests/sink.py) that keeps every message's exact bytes.
 - ``dovecot``: a real Dovecot (tests/dovecot.py) trusting ``idp``'s tokens and relaying to ``sink``.
 - ``postgres``: a PostgreSQL cluster (tests/replicas.py), a database per test.
+- ``exchange``: a stand-in for Exchange Online's IMAP and SMTP (tests/exchange.py) in front of
+  ``dovecot``, answering the way Microsoft does where Dovecot does not.
 - ``idp_reset``: use it in any test that changes the identity provider's settings, faults or
   listener, or that counts its requests: it starts from (and leaves) a clean state.
 
@@ -21,6 +23,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.dovecot import Dovecot
+from tests.exchange import Exchange
 from tests.idp import IdentityProvider
 from tests.pki import TestPKI, make_test_pki
 from tests.replicas import PostgresServer
@@ -88,6 +91,22 @@ def postgres() -> Iterator[PostgresServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def exchange_server(pki: TestPKI, idp: IdentityProvider, dovecot: Dovecot, sink: SinkServer) -> Iterator[Exchange]:
+    with Exchange(pki, idp, dovecot, sink) as server:
+        yield server
+
+
+@pytest.fixture
+def exchange(exchange_server: Exchange, idp_reset: IdentityProvider, sink: SinkServer) -> Iterator[Exchange]:
+    """The Exchange Online stand-in (tests/exchange.py) in front of ``dovecot``, with default
+    behaviour and empty records; the sink starts empty."""
+    exchange_server.reset()
+    sink.reset()
+    yield exchange_server
+    exchange_server.reset()
 
 
 @pytest.hookimpl(hookwrapper=True)

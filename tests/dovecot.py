@@ -363,8 +363,12 @@ end
         return "".join(parts)
 
     # ----------------------------------------------------------------- mail
-    def deliver(self, user: str, message: bytes, mailbox: str = "INBOX") -> None:
-        """Store ``message`` in ``user``'s mailbox (``doveadm save``, as the mail user)."""
+    def deliver(self, user: str, message: bytes, mailbox: str = "INBOX", create: bool = False) -> None:
+        """Store ``message`` in ``user``'s mailbox (``doveadm save``, as the mail user); ``create``:
+        create the mailbox first if it does not exist."""
+        if create:  # (fails harmlessly if it exists)
+            subprocess.run([_find("doveadm"), "-c", str(self.config_file), "mailbox", "create", "-u", user, mailbox],
+                           capture_output=True, timeout=30)
         result = subprocess.run([_find("doveadm"), "-c", str(self.config_file), "save", "-u", user, "-m", mailbox],
                                 input=message, capture_output=True, timeout=30)
         if result.returncode != 0:

@@ -48,6 +48,7 @@ DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 OIDC_SCOPES = {"openid", "profile", "offline_access", "email"}
 _LOOPBACK_REDIRECT = re.compile(r"^http://(localhost|127\.0\.0\.1)(:\d{1,5})?(/[^?#]*)?$")
 _CONTROLS = {"reset", "reset_counters", "counters", "set_access_token_lifetime", "set_access_token_length",
+             "refuse_refresh", "block_device_flow",
              "set_next_user", "deny_next", "revoke", "expire_access_tokens", "expire_refresh_tokens",
              "set_fault", "clear_faults", "mint_access_token", "approve_device", "decline_device",
              "allow_delegation", "register_client", "stop_for", "grant_admin_consent",
@@ -58,6 +59,26 @@ _AADSTS: dict[int, tuple[str, str]] = {
     50011: ("invalid_request", "The redirect URI '{uri}' specified in the request does not match the redirect "
                                "URIs configured for the application '{client}'."),
     50034: ("invalid_request", "The user account '{user}' does not exist in the directory."),
+    50076: ("invalid_grant", "Due to a configuration change made by your administrator, or because you moved to a new "
+                             "location, you must use multi-factor authentication to access "
+                             "'00000002-0000-0ff1-ce00-000000000000'."),
+    50078: ("invalid_grant", "Presented multi-factor authentication has expired due to policies configured by your "
+                             "administrator, you must refresh your multi-factor authentication to access "
+                             "'00000002-0000-0ff1-ce00-000000000000'."),
+    50079: ("invalid_grant", "Due to a configuration change made by your administrator, or because you moved to a new "
+                             "location, you must enroll in multi-factor authentication to access "
+                             "'00000002-0000-0ff1-ce00-000000000000'."),
+    50194: ("invalid_request", "Application '{client}'(Mail proxy) is not configured as a multi-tenant application. "
+                               "Usage of the /common endpoint is not supported for such applications created after "
+                               "'10/15/2018'. Use a tenant-specific endpoint or configure the application to be "
+                               "multi-tenant."),
+    53003: ("invalid_grant", "Access has been blocked by Conditional Access policies. The access policy does not "
+                             "allow token issuance."),
+    70043: ("invalid_grant", "The refresh token has expired or is invalid due to sign-in frequency checks by "
+                             "conditional access. The token was issued on 2024-01-01T08:00:00Z and the maximum "
+                             "allowed lifetime for this request is 3600."),
+    530035: ("invalid_grant", "Access has been blocked by security defaults. This is due to the request using legacy "
+                              "auth or being deemed unsafe by security defaults policies."),
     50173: ("invalid_grant", "The provided grant has expired due to it being revoked, a fresh auth token is "
                              "needed. The user might have changed or reset their password."),
     54005: ("invalid_grant", "OAuth2 Authorization code was already redeemed, please retry with a new valid code "
@@ -82,21 +103,25 @@ _AADSTS: dict[int, tuple[str, str]] = {
                                "have a scope value with /.default suffixed to the resource identifier."),
     7000215: ("invalid_client", "Invalid client secret provided. Ensure the secret being sent in the request is "
                                 "the client secret value, not the client secret ID."),
+    7000222: ("invalid_client", "The provided client secret keys for app '{client}' are expired. Visit the Azure "
+                                "portal to create new keys for your app."),
     7000218: ("invalid_client", "The request body must contain the following parameter: 'client_assertion' or "
                                 "'client_secret'."),
     9002313: ("invalid_grant", "Invalid request. Request is malformed or invalid."),
 }
 
-_SUBERRORS = {65001: "consent_required"}
+# The suberror Microsoft adds to some of them (https://learn.microsoft.com/entra/identity-platform/reference-error-codes).
+_SUBERRORS = {50076: "basic_action", 50079: "basic_action", 70043: "token_expired", 65001: "consent_required"}
 
 
 class OAuthError(Exception):
     """An error answered in Microsoft's JSON shape: ``error``, ``AADSTSnnn: …`` description, codes."""
 
-    def __init__(self, code: int, status: int = 400, **details: str):
+    def __init__(self, code: int, status: int = 400, suberror: str | None = None, **details: str):
         self.error, text = _AADSTS[code]
         super().__init__(f"AADSTS{code}: {text.format(**details)}")
         self.code, self.status = code, status
+        self.suberror = suberror or _SUBERRORS.get(code)
 
     def body(self) -> dict[str, Any]:
         trace, correlation = str(uuid.uuid4()), str(uuid.uuid4())
@@ -105,8 +130,8 @@ class OAuthError(Exception):
                 "error_description": f"{self} Trace ID: {trace} Correlation ID: {correlation} Timestamp: {stamp}",
                 "error_codes": [self.code], "timestamp": stamp, "trace_id": trace, "correlation_id": correlation,
                 "error_uri": f"https://login.microsoftonline.com/error?code={self.code}"}
-        if self.code in _SUBERRORS:
-            body["suberror"] = _SUBERRORS[self.code]
+        if self.suberror:
+            body["suberror"] = self.suberror
         return body
 
 
@@ -119,6 +144,7 @@ class Client:
     public_flows: bool = True                 # "Allow public client flows" (device code)
     redirect_uris: tuple[str, ...] = ()       # besides http://localhost:<any port> for public clients
     certificate: str | None = None            # PEM: the client authenticates with a signed JWT assertion
+    single_tenant: bool = False               # refused at .../common and .../organizations (AADSTS50194)
 
 
 @dataclass
@@ -132,6 +158,7 @@ class _Token:
     revoked: bool = False
     family: str = ""        # refresh tokens: the sign-in they descend from
     redeemed: bool = False  # refresh tokens: used once already
+    issued_at: float = field(default_factory=time.time)
 
 
 @dataclass
@@ -277,7 +304,10 @@ class IdentityProvider:
             self.clear_faults()
             self._counters.clear()
             self.access_token_lifetime = 3600
+            self.access_token_jitter = 0
             self.access_token_length = 256
+            self._refresh_refusal: tuple[int, int | None, str | None] | None = None
+            self._device_flow_blocked = False
             self.refresh_token_lifetime = 90 * 86400
             self.strict_rotation = False
             self._refresh_log: list[dict[str, Any]] = []
@@ -304,8 +334,35 @@ class IdentityProvider:
         with self._lock:
             return self._counters[key]
 
-    def set_access_token_lifetime(self, seconds: int) -> None:
-        self.access_token_lifetime = int(seconds)
+    def set_access_token_lifetime(self, seconds: int, jitter: int = 0) -> None:
+        """New access tokens live ``seconds`` plus a random 0..``jitter`` seconds (Microsoft's live
+        60–90 min: ``set_access_token_lifetime(3600, 1800)``)."""
+        self.access_token_lifetime, self.access_token_jitter = int(seconds), int(jitter)
+
+    def refuse_refresh(self, code: int | None, count: int | None = None, suberror: str | None = None) -> None:
+        """Answer refresh-token grants with ``invalid_grant`` AADSTS ``code`` (e.g. 53003 Conditional
+        Access, 50076 MFA, 70043 sign-in frequency, 700082), for the next ``count`` (None: until
+        cleared with ``code=None``). The refresh token itself stays valid, as at Microsoft."""
+        if code is not None and code not in _AADSTS:
+            raise ValueError(f"unknown AADSTS code {code}")
+        with self._lock:
+            self._refresh_refusal = None if code is None else (int(code), count, suberror)
+
+    def block_device_flow(self, blocked: bool = True) -> None:
+        """Conditional Access "authentication flows": the device code sign-in gets AADSTS53003."""
+        with self._lock:
+            self._device_flow_blocked = blocked
+
+    def access_token_info(self, token: str) -> dict[str, Any] | None:
+        """What the identity provider knows about an access token (for stand-ins of mail servers):
+        ``user`` (an app's client id for app-only tokens), ``scope``, ``issued_at``, ``expires_at``,
+        ``revoked``; None for an unknown token. Not counted as a request."""
+        with self._lock:
+            record = self._access.get(token)
+            if record is None:
+                return None
+            return {"user": record.user, "client_id": record.client_id, "scope": record.scope,
+                    "issued_at": record.issued_at, "expires_at": record.expires_at, "revoked": record.revoked}
 
     def set_strict_rotation(self, strict: bool = True) -> None:
         """Revoke a refresh token as soon as it is redeemed (stricter than Microsoft, whose old refresh
@@ -335,11 +392,14 @@ class IdentityProvider:
             self._deny_next = True
 
     def register_client(self, client_id: str, secret: str | None = None, public_flows: bool = True,
-                        redirect_uris: list[str] | tuple[str, ...] = (), certificate: str | None = None) -> None:
+                        redirect_uris: list[str] | tuple[str, ...] = (), certificate: str | None = None,
+                        single_tenant: bool = False) -> None:
         """Add an app registration; with ``certificate`` (PEM) it authenticates with a JWT client
-        assertion signed by the matching key (msal's certificate credential)."""
+        assertion signed by the matching key (msal's certificate credential); ``single_tenant``: it
+        works only at a tenant's own authority (AADSTS50194 at .../common and .../organizations)."""
         with self._lock:
-            self._clients[client_id] = Client(client_id, secret, public_flows, tuple(redirect_uris), certificate)
+            self._clients[client_id] = Client(client_id, secret, public_flows, tuple(redirect_uris), certificate,
+                                              single_tenant)
 
     def grant_admin_consent(self, client_id: str, scopes: list[str]) -> None:
         """An admin grants ``scopes`` for all users of ``client_id`` ("Grant admin consent")."""
@@ -394,9 +454,9 @@ class IdentityProvider:
     def mint_access_token(self, user: str, lifetime: int | None = None,
                           scope: str = "https://outlook.office.com/IMAP.AccessAsUser.All "
                                        "https://outlook.office.com/SMTP.Send",
-                          client_id: str = DEFAULT_CLIENT_ID) -> str:
+                          client_id: str = DEFAULT_CLIENT_ID, length: int | None = None) -> str:
         """A valid access token for ``user`` without any flow (for tests of the upstream servers)."""
-        return self._new_access_token(user, client_id, scope, lifetime)
+        return self._new_access_token(user, client_id, scope, lifetime, length)
 
     def issued_tokens(self) -> list[str]:
         """Every access and refresh token issued so far (tests check that none leaks into logs)."""
@@ -431,11 +491,12 @@ class IdentityProvider:
                 "token_endpoint_auth_methods_supported": ["client_secret_post", "client_secret_basic"],
                 "code_challenge_methods_supported": ["plain", "S256"]}
 
-    def _check_authorize(self, params: dict[str, str]) -> Client:
+    def _check_authorize(self, params: dict[str, str], tenant: str = "") -> Client:
         """Validate client_id and redirect_uri; problems here get an error page, not a redirect."""
         client = self._clients.get(params.get("client_id", ""))
         if client is None:
             raise OAuthError(700016, client=params.get("client_id", ""))
+        _check_tenant(client, tenant)
         uri = params.get("redirect_uri", "")
         if uri not in client.redirect_uris and not (client.secret is None and _LOOPBACK_REDIRECT.match(uri)):
             raise OAuthError(50011, uri=uri, client=client.client_id)
@@ -443,7 +504,7 @@ class IdentityProvider:
 
     def sign_in_page(self, tenant: str, params: dict[str, str]) -> str:
         """The HTML sign-in form; hidden fields carry the authorization request."""
-        self._check_authorize(params)
+        self._check_authorize(params, tenant)
         with self._lock:
             user, self._next_user = self._next_user, None
         user = user or params.get("login_hint") or self.default_user
@@ -518,9 +579,10 @@ class IdentityProvider:
                 or not (audience.startswith(self.url + "/") and audience.endswith("/oauth2/v2.0/token"))):
             raise OAuthError(700027, status=401)
 
-    def token(self, form: dict[str, str], authorization: str | None = None) -> dict[str, Any]:
+    def token(self, form: dict[str, str], authorization: str | None = None, tenant: str = "") -> dict[str, Any]:
         """The token endpoint (raises OAuthError)."""
         client = self._check_client(form, authorization)
+        _check_tenant(client, tenant)
         grant, scopes, now = form.get("grant_type", ""), form.get("scope", "").split(), time.time()
         with self._lock:
             if grant == "authorization_code":
@@ -561,6 +623,12 @@ class IdentityProvider:
                         - self._admin_consents.get(client.client_id, set()):
                     entry["result"] = "65001"
                     raise OAuthError(65001, client=client.client_id)
+                if self._refresh_refusal is not None:
+                    code, count, suberror = self._refresh_refusal
+                    if count is not None:
+                        self._refresh_refusal = (code, count - 1, suberror) if count > 1 else None
+                    entry["result"] = str(code)
+                    raise OAuthError(code, suberror=suberror, client=client.client_id)
                 old.redeemed = True
                 return self._user_tokens(old.user, client.client_id, scopes or old.scope.split(), family=old.family)
             if grant == DEVICE_GRANT:
@@ -573,6 +641,8 @@ class IdentityProvider:
                     raise OAuthError(70000)
                 if device.user is None:
                     raise OAuthError(70016)
+                if self._device_flow_blocked:
+                    raise OAuthError(53003)
                 device.redeemed = True
                 self._consent(device.user, client.client_id, device.scopes)
                 return self._user_tokens(device.user, client.client_id, device.scopes)
@@ -581,16 +651,18 @@ class IdentityProvider:
                     raise OAuthError(7000218)
                 if len(scopes) != 1 or not scopes[0].endswith("/.default"):
                     raise OAuthError(1002012, scope=" ".join(scopes))
-                lifetime = self.access_token_lifetime
+                lifetime = self._lifetime()
                 return {"token_type": "Bearer", "expires_in": lifetime, "ext_expires_in": lifetime,
-                        "access_token": self._new_access_token(client.client_id, client.client_id, scopes[0])}
+                        "access_token": self._new_access_token(client.client_id, client.client_id, scopes[0],
+                                                               lifetime)}
         raise OAuthError(70003, grant=grant)
 
-    def device_code(self, form: dict[str, str]) -> dict[str, Any]:
+    def device_code(self, form: dict[str, str], tenant: str = "") -> dict[str, Any]:
         """The device authorization endpoint."""
         client = self._clients.get(form.get("client_id", ""))
         if client is None:
             raise OAuthError(700016, client=form.get("client_id", ""))
+        _check_tenant(client, tenant)
         if not client.public_flows:
             raise OAuthError(7000218)
         user_code = "".join(secrets.choice("ABCDEFGHJKLMNPQRSTUVWXYZ23456789") for _ in range(9))
@@ -633,22 +705,29 @@ class IdentityProvider:
         self._consents.setdefault((user.lower(), client_id), set()).update(
             s.casefold() for s in scopes if s not in OIDC_SCOPES)
 
-    def _new_access_token(self, user: str, client_id: str, scope: str, lifetime: int | None = None) -> str:
+    def _new_access_token(self, user: str, client_id: str, scope: str, lifetime: int | None = None,
+                          length: int | None = None) -> str:
         with self._lock:
-            length = self.access_token_length
+            length = length or self.access_token_length
             token = ("EwB" + secrets.token_urlsafe(length))[:length]
             lifetime = self.access_token_lifetime if lifetime is None else lifetime
             self._access[token] = _Token(user, client_id, scope, time.time() + lifetime)
             return token
 
+    def _lifetime(self) -> int:
+        """The lifetime of the next access token (with the configured jitter)."""
+        with self._lock:
+            return self.access_token_lifetime + (secrets.randbelow(self.access_token_jitter + 1)
+                                                 if self.access_token_jitter else 0)
+
     def _user_tokens(self, user: str, client_id: str, scopes: list[str], nonce: str = "",
                      family: str = "") -> dict[str, Any]:
         """A token response for a user: access token, new refresh token, id_token and client_info."""
         resource = " ".join(s for s in scopes if s not in OIDC_SCOPES) or " ".join(scopes)
-        now, lifetime = int(time.time()), self.access_token_lifetime
+        now, lifetime = int(time.time()), self._lifetime()
         response: dict[str, Any] = {
             "token_type": "Bearer", "scope": resource, "expires_in": lifetime, "ext_expires_in": lifetime,
-            "access_token": self._new_access_token(user, client_id, resource)}
+            "access_token": self._new_access_token(user, client_id, resource, lifetime)}
         if "offline_access" in scopes:
             refresh = "0.AX" + secrets.token_urlsafe(48)
             with self._lock:
@@ -675,6 +754,12 @@ class IdentityProvider:
                 if fault.remaining <= 0:
                     self._spent_faults.append(self._faults.pop(endpoint))
             return fault
+
+
+def _check_tenant(client: Client, tenant: str) -> None:
+    """A single-tenant app registration works only at its tenant's own authority."""
+    if client.single_tenant and tenant in ("common", "organizations", "consumers"):
+        raise OAuthError(50194, client=client.client_id)
 
 
 class _Server(http.server.ThreadingHTTPServer):
@@ -774,9 +859,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             elif endpoint == "login" and method == "POST":
                 self._redirect(*idp.sign_in(form), response_mode=form.get("response_mode", "query"))
             elif endpoint == "token" and method == "POST":
-                self._send(200, idp.token(form, self.headers.get("Authorization")))
+                self._send(200, idp.token(form, self.headers.get("Authorization"), tenant))
             elif endpoint == "devicecode" and method == "POST":
-                self._send(200, idp.device_code(form))
+                self._send(200, idp.device_code(form, tenant))
             elif endpoint == "introspect":
                 bearer = self.headers.get("Authorization", "")
                 token = form.get("token") or query.get("access_token") or query.get("token") or (

@@ -213,6 +213,49 @@ def test_revoked_or_expired_refresh_token_gives_invalid_grant(idp_reset: Identit
     assert failed["error"] == "invalid_grant" and "AADSTS700082" in failed["error_description"]
 
 
+def test_conditional_access_refusals_and_microsofts_token_lifetimes(idp_reset: IdentityProvider) -> None:
+    idp = idp_reset
+    idp.set_access_token_lifetime(3600, jitter=1800)            # Microsoft: 60-90 minutes
+    app, result = sign_in(idp, user="gail@example.com")
+    lifetimes = {result["expires_in"]}
+    [account] = app.get_accounts()
+    idp.refuse_refresh(53003, count=1)                          # blocked by Conditional Access, once
+    failed = app.acquire_token_silent_with_error(SCOPES, account, force_refresh=True)
+    assert failed["error"] == "invalid_grant" and failed["error_codes"] == [53003]
+    assert failed["error_description"].startswith("AADSTS53003: Access has been blocked by Conditional Access")
+    assert "suberror" not in failed and failed["trace_id"] and failed["correlation_id"]
+    idp.refuse_refresh(70043)                                   # sign-in frequency, until cleared
+    for _ in range(2):
+        failed = msal.PublicClientApplication(idp.client_id, authority=idp.authority(), instance_discovery=False,
+                                              http_client=idp.http_session(), token_cache=app.token_cache
+                                              ).acquire_token_silent_with_error(SCOPES, account, force_refresh=True)
+        assert failed["error_codes"] == [70043] and failed["suberror"] == "token_expired"
+    idp.refuse_refresh(None)
+    for _ in range(6):                                          # the refresh token survived the refusals
+        fresh = make_app(idp, token_cache=app.token_cache).acquire_token_silent_with_error(
+            SCOPES, account, force_refresh=True)
+        lifetimes.add(fresh["expires_in"])
+    assert all(3600 <= lifetime <= 5400 for lifetime in lifetimes) and len(lifetimes) > 1
+    info = idp.access_token_info(fresh["access_token"])
+    assert info["user"] == "gail@example.com" and info["expires_at"] - info["issued_at"] == pytest.approx(
+        fresh["expires_in"], abs=1)
+
+
+def test_single_tenant_app_and_blocked_device_flow(idp_reset: IdentityProvider) -> None:
+    idp = idp_reset
+    idp.register_client("one-tenant", single_tenant=True)
+    app = msal.PublicClientApplication("one-tenant", authority=idp.authority("organizations"),
+                                       instance_discovery=False, http_client=idp.http_session())
+    flow = app.initiate_device_flow(SCOPES)
+    assert flow["error_codes"] == [50194] and "not configured as a multi-tenant" in flow["error_description"]
+    tenant_app = msal.PublicClientApplication("one-tenant", authority=idp.authority(), instance_discovery=False,
+                                              http_client=idp.http_session())
+    idp.block_device_flow()
+    flow = tenant_app.initiate_device_flow(SCOPES)
+    idp.approve_device(flow["user_code"], "hal@example.com")
+    assert tenant_app.acquire_token_by_device_flow(flow)["error_codes"] == [53003]
+
+
 def test_device_code_flow(idp_reset: IdentityProvider) -> None:
     idp = idp_reset
     app = make_app(idp)
