@@ -157,9 +157,9 @@ def authorize_browser(config: Config, account: AccountConfig, password: str, *, 
     return save_tokens(config, account, password, cache, result)
 
 
-def _refused(result: dict, what: str = "issue tokens") -> str:
+def _refused(result: dict, what: str = "issue tokens", flow: str | None = None) -> str:
     text = describe_msal_error(result)
-    hint = hint_for(text)
+    hint = hint_for(text, flow=flow)
     return f"the identity provider refused to {what}: {text}" + (f"\n  What to do: {hint}" if hint else "")
 
 
@@ -210,7 +210,7 @@ def authorize_device(config: Config, account: AccountConfig, password: str, *, t
         raise AuthorizeError("the device code flow needs a public client: identity.client_secret is set, so "
                              "use the browser sign-in, or remove client_secret and allow public client flows")
     if "user_code" not in flow:
-        raise AuthorizeError(_refused(flow, "start a device sign-in"))
+        raise AuthorizeError(_refused(flow, "start a device sign-in", "device"))
     expires_at = float(flow.get("expires_at") or time.time() + float(flow.get("expires_in") or 900))
     deadline = min(expires_at, time.time() + timeout) if timeout else expires_at
     print(f"Sign in as {account.username} to authorize the proxy, on any device with a browser:", file=out)
@@ -234,7 +234,7 @@ def authorize_device(config: Config, account: AccountConfig, password: str, *, t
             raise AuthorizeError("the code expired before the sign-in; run the command again for a new code")
         if error in ("authorization_declined", "access_denied"):
             raise AuthorizeError("the sign-in was declined; nothing was stored")
-        raise AuthorizeError(_refused(result))
+        raise AuthorizeError(_refused(result, flow="device"))
     _note_signed_in(config, account, result, out)
     return save_tokens(config, account, password, cache, result)
 

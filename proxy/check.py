@@ -7,7 +7,10 @@ Steps, each printed as ``ok``/``FAIL``/``skip`` with what to do on failure:
 3. with USER: a token can be obtained *now* (a forced refresh, or an app-only token) and carries
    the permissions IMAP and SMTP need;
 4. the upstream IMAP and SMTP servers (and POP3, with a ``pop3`` section) are reachable with
-   verified TLS and offer XOAUTH2, and with USER they accept the token for the account's mailbox.
+   verified TLS and offer XOAUTH2, and with USER they accept the token: IMAP opens the account's
+   mailbox (the same post-login probe as the proxy's, so Exchange's "authenticated but not
+   connected" is caught and explained), SMTP logs in as the account's sending identity (the
+   owner, for a shared mailbox).
 
 An authorization given before POP3 was configured lacks its permission (the proxy keeps such
 accounts working for IMAP and SMTP); step 3 says so, and that `proxy authorize` adds it.
@@ -32,7 +35,7 @@ import requests
 from .config import FLOW_CLIENT_CREDENTIALS, AccountConfig, Config
 from .hints import hint_for, imap_refused_hint, network_problem, pop3_refused_hint, smtp_refused_hint
 from .imap import upstream as imap_upstream
-from .login import TokenRejected, UpstreamError
+from .login import TokenRejected, UpstreamError, UpstreamRefused, refusal_hint, upstream_user
 from .logs import register_secret
 from .permissions import PERMISSIONS, granted_permissions, missing_permission
 from .pop3 import upstream as pop3_upstream
@@ -319,9 +322,10 @@ async def _check_smtp(config: Config, report: Report, account: AccountConfig | N
         report.ok(what, f"{mode} certificate verified; offers AUTH XOAUTH2")
         if account is None:
             return
+        user = upstream_user(account, "smtp")
         await _probe_login(report, "SMTP", account, token, timeout,
-                           lambda: smtp_upstream.authenticate(conn, account.mailbox, token),
-                           lambda exc, app_only: smtp_refused_hint(str(exc), account.mailbox, account.owner, app_only))
+                           lambda: smtp_upstream.authenticate(conn, user, token),
+                           lambda exc, app_only: smtp_refused_hint(str(exc), user, account.owner, app_only))
     finally:
         conn.quit(grace=1.0)
         try:
@@ -350,8 +354,14 @@ async def _offers_and_accepts(report: Report, protocol: str, address, offered: b
 async def _probe_login(report: Report, protocol: str, account: AccountConfig, token: str | None, timeout: float,
                        authenticate: Callable[[], Awaitable[object]],
                        refused_hint: Callable[[Exception, bool], str]) -> bool:
-    """Log in upstream with ``token`` for ``account``'s mailbox and report how it went."""
-    login = f"{protocol} login to {account.mailbox}" + (f" with the token of {account.owner}" if account.shared else "")
+    """Log in upstream with ``token`` for ``account``'s mailbox and report how it went (the same
+    login as the proxy's, so the same refusals and the same advice)."""
+    user = upstream_user(account, protocol.lower())
+    if user != account.mailbox:  # SMTP of a shared mailbox: the owner logs in and sends as the mailbox
+        login = f"{protocol} login as {user} (to send as {account.mailbox}, which needs Send As)"
+    else:
+        login = f"{protocol} login to {account.mailbox}" + (f" with the token of {account.owner}" if account.shared
+                                                             else "")
     if token is None:
         report.skip(login, "no token")
         return False
@@ -359,6 +369,9 @@ async def _probe_login(report: Report, protocol: str, account: AccountConfig, to
         await asyncio.wait_for(authenticate(), timeout)
     except TokenRejected as exc:
         report.fail(login, f"refused: {exc}", refused_hint(exc, account.flow == FLOW_CLIENT_CREDENTIALS))
+        return False
+    except UpstreamRefused as exc:
+        report.fail(login, f"refused: {exc}", refusal_hint(account, protocol.lower(), exc))
         return False
     except (UpstreamError, asyncio.TimeoutError) as exc:
         report.fail(login, str(exc) or "no answer in time", hint_for(str(exc)) or

@@ -84,6 +84,11 @@ class IdentityConfig:
     timeout: float = 10.0
     app_only: AppOnlyConfig | None = None
     http_proxy: WebProxy | None = None  # identity.http_proxy, else HTTPS_PROXY (proxy/webproxy.py)
+    # After Microsoft refused a refresh for a reason that passes by itself (Conditional Access,
+    # MFA, sign-in frequency: proxy/aadsts.py), a login tries again at most this often,
+    # and the background this often (seconds).
+    refresh_retry_on_login: float = 60.0
+    refresh_retry_in_background: float = 1800.0
 
     @property
     def msal_scopes(self) -> list[str]:
@@ -315,6 +320,9 @@ def _parse_config(data: Any, *, base_dir: Path, source: Path | None, environ: Ma
         timeout=identity.number("timeout", 10.0, minimum=1, maximum=60),
         app_only=_app_only(identity.section("app_only"), identity),
         http_proxy=_web_proxy(identity, environ),
+        refresh_retry_on_login=identity.number("refresh_retry_on_login", 60.0, minimum=1, maximum=3600),
+        refresh_retry_in_background=identity.number("refresh_retry_in_background", 1800.0, minimum=60,
+                                                    maximum=86400),
     )
     identity.done()
     _check_client_id("identity.client_id", identity_cfg.client_id, identity_cfg.authority)

@@ -1,8 +1,16 @@
-"""What to do about the errors Microsoft 365 and its identity platform give most often.
+"""What to do about the errors Microsoft 365 and its identity platform give: one place for the advice.
 
-:func:`hint_for` maps an error text (an ``AADSTSnnnn`` code from the identity provider, an SMTP
-reply such as ``535 5.7.139``, an IMAP ``NO``, a POP3 ``-ERR``) to one sentence an admin can act on. Used by
-`proxy check` and `proxy authorize`; docs/azure-setup.md explains the settings it names.
+- :func:`hint_for` maps an error text (an ``AADSTSnnnn`` code, whose meaning and advice come
+  from the one table in :mod:`proxy.aadsts`; an SMTP reply such as ``535 5.7.139``; an
+  OAuth error; a POP3 ``-ERR``) to one sentence an admin can act on. Used by `proxy check` and `proxy authorize`.
+- The refusal texts the mail client sees when the mail server refuses a login, and `proxy
+  check` prints for the same case: a refused token (:func:`imap_refused_hint`,
+  :func:`smtp_refused_hint`, :func:`pop3_refused_hint`), Exchange's
+  "authenticated but not connected" (:func:`not_connected_hint`), SMTP AUTH disabled
+  (:func:`smtp_auth_disabled_hint`), Send As refused at the end of a message
+  (:func:`send_as_hint`).
+
+docs/azure-setup.md explains the settings they name.
 """
 
 from __future__ import annotations
@@ -10,46 +18,12 @@ from __future__ import annotations
 import re
 import urllib.parse
 
-# AADSTS code -> what to do (Microsoft's wording of the code is in the error text itself).
-AADSTS_HINTS: dict[int, str] = {
-    50011: "The redirect URI does not match the app registration: add the platform \"Mobile and desktop "
-           "applications\" with redirect URI http://localhost (docs/azure-setup.md, step 2).",
-    50020: "The account belongs to another tenant: sign in with an account of the tenant in identity.authority, "
-           "or use .../organizations.",
-    50034: "The user does not exist in this tenant: check the user name and identity.authority.",
-    50076: "Multi-factor authentication is required: run `proxy authorize` again and complete it in the browser.",
-    50079: "Multi-factor authentication must be set up: sign in once in a browser, then run `proxy authorize` again.",
-    50126: "Wrong user name or password at Microsoft: run `proxy authorize` again.",
-    50173: "The authorization was revoked (password change or \"Revoke sessions\"): run `proxy authorize` again.",
-    53003: "Blocked by a Conditional Access policy: IT must allow this app (or this computer's location).",
-    65001: "Consent is missing: an admin grants it in Entra ID → App registrations → the app → API permissions → "
-           "\"Grant admin consent\" (docs/azure-setup.md, step 3).",
-    65004: "The user declined the consent screen: run `proxy authorize` again and accept, or let an admin "
-           "grant consent for the organization.",
-    70000: "The sign-in was declined or the grant is invalid: run `proxy authorize` again.",
-    70008: "The authorization expired from inactivity: run `proxy authorize` again.",
-    70011: "Invalid scope: check identity.scopes (IMAP.AccessAsUser.All, SMTP.Send, offline_access) or, for "
-           "app-only access, identity.app_only.scope (https://outlook.office365.com/.default).",
-    90002: "The tenant in identity.authority does not exist: use https://login.microsoftonline.com/<tenant-id>.",
-    500011: "The resource (Exchange Online) is not known in this tenant: the tenant needs an Exchange Online "
-            "licence, and the scopes must name https://outlook.office.com or https://outlook.office365.com.",
-    700016: "The app is not known in this tenant: check identity.client_id (the \"Application (client) ID\") and "
-            "identity.authority; for another tenant an admin must consent to the app first.",
-    700024: "The certificate's assertion is not valid at this time: check this computer's clock.",
-    700027: "The certificate was not accepted: upload its public part under the app's \"Certificates & secrets\", "
-            "and check identity.app_only.certificate_file.",
-    700082: "The refresh token expired (90 days without use): run `proxy authorize` again.",
-    1002012: "App-only access needs the scope https://outlook.office365.com/.default (identity.app_only.scope).",
-    7000215: "The client secret is wrong: use the secret's Value (not its ID) from the app's "
-             "\"Certificates & secrets\" in identity.app_only.client_secret(_file).",
-    7000218: "The app must allow public client flows for the device code sign-in (Entra ID → the app → "
-             "Authentication → \"Allow public client flows\": Yes), or the request lacks the app's secret.",
-    7000222: "The client secret has expired: create a new one under the app's \"Certificates & secrets\" and put it "
-             "into identity.app_only.",
-}
+from .aadsts import DEVICE_CODE_BLOCKED, lookup
+
 _ERROR_HINTS = {
     "invalid_client": "The app's identity was refused: check identity.client_id and the app's secret or certificate.",
-    "consent_required": AADSTS_HINTS[65001],
+    "consent_required": "Consent is missing: an admin grants it in Entra ID → App registrations → the app → API "
+                        "permissions → \"Grant admin consent\" (docs/azure-setup.md, step 3).",
     "interaction_required": "The user must sign in again (for example multi-factor authentication): "
                             "run `proxy authorize` again.",
     "invalid_grant": "The stored authorization no longer works: run `proxy authorize` again.",
@@ -60,29 +34,61 @@ SMTP_AUTH_DISABLED = ("SMTP AUTH is disabled for the mailbox or the whole tenant
                       "Set-CASMailbox -Identity <mailbox> -SmtpClientAuthenticationDisabled $false (and, for the "
                       "tenant, Set-TransportConfig -SmtpClientAuthenticationDisabled $false); it takes effect "
                       "within an hour.")
-_AADSTS = re.compile(r"AADSTS(\d{5,7})")
+# The 535 5.7.139 texts (Microsoft's wording) -> what to do. None of them is about the token.
+_SMTP_DISABLED_VARIANTS = (
+    (re.compile(r"disabled for the tenant", re.I),
+     "SMTP AUTH is disabled for the whole tenant. An Exchange admin enables it for this mailbox: Set-CASMailbox "
+     "-Identity <mailbox> -SmtpClientAuthenticationDisabled $false (the mailbox's setting wins), or for everyone: "
+     "Set-TransportConfig -SmtpClientAuthenticationDisabled $false; it takes effect within an hour."),
+    (re.compile(r"disabled for the mailbox", re.I),
+     "SMTP AUTH is disabled for the mailbox <mailbox>. An Exchange admin enables it: Set-CASMailbox -Identity "
+     "<mailbox> -SmtpClientAuthenticationDisabled $false; it takes effect within an hour."),
+    (re.compile(r"security defaults", re.I),
+     "The tenant's security defaults block SMTP AUTH for <mailbox>. IT turns security defaults off (Entra ID → "
+     "Overview → Properties → Manage security defaults) and protects sign-ins with Conditional Access instead."),
+    (re.compile(r"did not meet the criteria", re.I),
+     "A Conditional Access or authentication policy refused SMTP AUTH for <mailbox>: IT finds the reason in the "
+     "sign-in logs of Entra ID; SMTP AUTH must also be enabled (Set-CASMailbox -Identity <mailbox> "
+     "-SmtpClientAuthenticationDisabled $false)."),
+    (re.compile(r"basic auth", re.I),
+     "Microsoft took this for a password login (basic authentication), which is disabled. Check that "
+     "smtp.upstream is smtp.office365.com:587 and that SMTP AUTH is enabled for <mailbox> (Set-CASMailbox "
+     "-Identity <mailbox> -SmtpClientAuthenticationDisabled $false)."),
+)
+_SMTP_DISABLED = re.compile(r"\b5\.7\.139\b|SmtpClientAuthentication is disabled")
 
 
-def hint_for(text: str) -> str | None:
-    """One sentence on what to do about the error ``text``, or None if there is nothing specific."""
-    for match in _AADSTS.finditer(text or ""):
-        hint = AADSTS_HINTS.get(int(match.group(1)))
-        if hint:
-            return hint
-    if re.search(r"\b5\.7\.139\b", text or "") or "SmtpClientAuthentication is disabled" in (text or ""):
-        return SMTP_AUTH_DISABLED
-    error = (text or "").split(":", 1)[0].strip()
+def hint_for(text: str, *, flow: str | None = None) -> str | None:
+    """One sentence on what to do about the error ``text``, or None if there is nothing specific.
+
+    ``flow="device"``: the text comes from the device code sign-in (some codes mean something
+    else there).
+    """
+    text = text or ""
+    found = lookup(text)
+    if found is not None:
+        code, entry = found
+        if code == 53003 and flow == "device":
+            return DEVICE_CODE_BLOCKED
+        return entry.hint
+    if _SMTP_DISABLED.search(text):
+        return smtp_auth_disabled_hint(text)
+    error = text.split(":", 1)[0].strip()
     return _ERROR_HINTS.get(error)
+
+
+def smtp_auth_disabled_hint(reply: str, mailbox: str = "<mailbox>") -> str:
+    """What to do about a ``535 5.7.139`` (chosen by its text) for the SMTP identity ``mailbox``."""
+    for pattern, hint in _SMTP_DISABLED_VARIANTS:
+        if pattern.search(reply):
+            return hint.replace("<mailbox>", mailbox)
+    return SMTP_AUTH_DISABLED.replace("<mailbox>", mailbox)
 
 
 def imap_refused_hint(mailbox: str, owner: str, app_only: bool) -> str:
     """Why Microsoft answers ``NO AUTHENTICATE failed.`` (it does not say which of these it is)."""
     if app_only:
-        return (f"The app may not open {mailbox}: in Exchange Online PowerShell register the app "
-                "(New-ServicePrincipal -AppId <client id> -ObjectId <enterprise app object id>) and grant it "
-                f"Add-MailboxPermission -Identity {mailbox} -User <service principal id> -AccessRights FullAccess; "
-                "the app also needs the application permission IMAP.AccessAsApp with admin consent. "
-                "Changes take up to an hour.")
+        return _app_mailbox_permission(mailbox, "IMAP.AccessAsApp")
     shared = mailbox.casefold() != owner.casefold()
     steps = []
     if shared:
@@ -110,25 +116,50 @@ def pop3_refused_hint(mailbox: str, owner: str, app_only: bool) -> str:
     return "Check: " + "; ".join(steps) + "."
 
 
-def smtp_refused_hint(reply: str, mailbox: str, owner: str, app_only: bool) -> str:
+def smtp_refused_hint(reply: str, user: str, owner: str, app_only: bool) -> str:
+    """What to do when the SMTP server refused the token for the SMTP identity ``user``."""
     hint = hint_for(reply)
     if hint:
-        return hint.replace("<mailbox>", mailbox)
+        return hint.replace("<mailbox>", user)
     if app_only:
-        return (f"The app may not send as {mailbox}: it needs the application permission SMTP.SendAsApp with "
+        return (f"The app may not send as {user}: it needs the application permission SMTP.SendAsApp with "
                 "admin consent, a service principal in Exchange (New-ServicePrincipal) and "
-                f"Add-MailboxPermission -Identity {mailbox} -User <service principal id> -AccessRights FullAccess.")
-    steps = [SMTP_AUTH_DISABLED.replace("<mailbox>", mailbox)]
+                f"Add-MailboxPermission -Identity {user} -User <service principal id> -AccessRights FullAccess.")
+    return (f"{SMTP_AUTH_DISABLED.replace('<mailbox>', user)} The token must carry SMTP.Send (API permissions + "
+            f"identity.scopes, then `proxy authorize {owner}`).")
+
+
+def not_connected_hint(mailbox: str, owner: str, app_only: bool) -> str:
+    """Exchange accepted the token but does not open ``mailbox`` ("User is authenticated but not connected")."""
+    transient = ("(Exchange also says this briefly after many logins in a row and while a new mailbox is being "
+                 "set up; then it passes by itself.)")
+    if app_only:
+        return _app_mailbox_permission(mailbox, "IMAP.AccessAsApp") + " " + transient
     if mailbox.casefold() != owner.casefold():
-        steps.append(f"{owner} needs Send As or Full Access on {mailbox}.")
-    steps.append(f"The token must carry SMTP.Send (API permissions + identity.scopes, then `proxy authorize {owner}`).")
-    return " ".join(steps)
+        return (f"{owner} may not open {mailbox}: an Exchange admin grants Full Access with Add-MailboxPermission "
+                f"-Identity {mailbox} -User {owner} -AccessRights FullAccess (takes up to an hour). {transient}")
+    return (f"Microsoft accepted the token but did not open {mailbox}: check that `proxy authorize {owner}` signed "
+            f"in as {owner} itself (not another account) and that the mailbox exists and has a licence. {transient}")
+
+
+def send_as_hint(trustee: str, address: str) -> str:
+    """Exchange refused to send as ``address`` for the SMTP identity ``trustee`` (SendAsDenied)."""
+    return (f"{trustee} may not send as {address}: an Exchange admin grants it with Add-RecipientPermission "
+            f"-Identity {address} -Trustee {trustee} -AccessRights SendAs (takes up to an hour).")
+
+
+def _app_mailbox_permission(mailbox: str, permission: str) -> str:
+    return (f"The app may not open {mailbox}: in Exchange Online PowerShell register the app "
+            "(New-ServicePrincipal -AppId <client id> -ObjectId <enterprise app object id>) and grant it "
+            f"Add-MailboxPermission -Identity {mailbox} -User <service principal id> -AccessRights FullAccess; "
+            f"the app also needs the application permission {permission} with admin consent. "
+            "Changes take up to an hour.")
 
 
 # ------------------------------------------------------------------------------ network and TLS
 # One table for `proxy check` and `proxy authorize` (and the token refresh's log line): what a
 # failure to reach the identity provider means and what to do. Kept apart from the Microsoft
-# error tables above.
+# error tables (proxy/aadsts.py and the SMTP texts above).
 _PROXY_STATUS = re.compile(r"Tunnel connection failed: (\d{3}) ?([^'\")\r\n]*)")
 
 

@@ -1,10 +1,18 @@
 """The login sequence shared by the IMAP and SMTP fronts.
 
-check the local password → get an access token → open the upstream connection →
-authenticate with XOAUTH2 → if the server refuses the token: drop it, refresh once, retry once.
+check the local password → get an access token (one with half its lifetime left, see
+:mod:`proxy.tokens.policy`) → open the upstream connection → authenticate with XOAUTH2 →
+
+- the server refuses the token: drop it, refresh once, retry once;
+- Exchange accepts the token but does not open the mailbox ("User is authenticated but not
+  connected", :class:`UpstreamRefused` ``NOT_CONNECTED``): that is about rights or, briefly,
+  throttling: pause, retry once on a new connection with the same token;
+- any other refusal that is not about the token (SMTP AUTH disabled, ``535 5.7.139``): no
+  refresh, no retry, the advice for that case.
+
 All within one deadline; failures come out as :class:`LoginFailed` with a kind the protocol
 front maps to its own reply (IMAP ``NO [...]``, SMTP ``535``/``454``) and a human text that
-names `proxy authorize` where re-authorization is the fix.
+names what to do (:mod:`proxy.hints`). :func:`upstream_user` decides the XOAUTH2 ``user=``.
 """
 
 from __future__ import annotations
@@ -15,18 +23,22 @@ import ssl
 import time
 from typing import Awaitable, Callable, Generic, TypeVar
 
-from .throttle import FailureThrottle
-from .config import FLOW_CLIENT_CREDENTIALS
+from . import hints
+from .config import FLOW_CLIENT_CREDENTIALS, AccountConfig
 from .logs import log_event
 from .metrics import METRICS
 from .permissions import missing_permission
 from .tls import describe_tls_error
 from .tlsendpoint import TlsEndpoint, open_tls
 from .webproxy import WebProxy
+from .outcomes import Accepted, Outcome, Refused, TokenRefused
+from .throttle import FailureThrottle
 from .tokens import LoginGrant, LoginRefused, TokenBroker, TokenError
 
 log = logging.getLogger("proxy.login")
 C = TypeVar("C")  # an upstream connection
+#: Before the one retry after Exchange's "authenticated but not connected" (seconds).
+NOT_CONNECTED_PAUSE = 2.0
 
 
 class UpstreamError(Exception):
@@ -53,6 +65,29 @@ class TokenRejected(Exception):
     def __init__(self, text: str, details: dict | None = None):
         super().__init__(text)
         self.details = details or {}
+
+
+class UpstreamRefused(Exception):
+    """The upstream server refused the login for a reason that is not the token (``kind``)."""
+
+    NOT_CONNECTED = Refused.NOT_CONNECTED            # IMAP: "User is authenticated but not connected."
+    SMTP_AUTH_DISABLED = Refused.SMTP_AUTH_DISABLED  # SMTP: 535 5.7.139
+
+    def __init__(self, kind: str, text: str):
+        super().__init__(text)
+        self.kind = kind
+
+
+def login_result(outcome: Outcome) -> str | None:
+    """What an upstream login machine's outcome means for the login sequence: the capabilities
+    after an :class:`Accepted`, else the exception for the others."""
+    if isinstance(outcome, Accepted):
+        return outcome.capabilities
+    if isinstance(outcome, TokenRefused):
+        raise TokenRejected(outcome.text, outcome.details)
+    if isinstance(outcome, Refused):
+        raise UpstreamRefused(outcome.kind, outcome.text)
+    raise UpstreamError(outcome.text)
 
 
 class LoginFailed(Exception):
@@ -130,32 +165,63 @@ async def _login(broker: TokenBroker, upstream: Upstream[C], username: str, pass
     return (*await _upstream_login(broker, upstream, grant, timeout, protocol), grant)
 
 
+def upstream_user(account: AccountConfig, protocol: str) -> str:
+    """The XOAUTH2 ``user=`` for ``account`` over ``protocol``.
+
+    The mailbox, except for SMTP of a delegated account opened with another owner's token:
+    Exchange refuses a shared mailbox as the SMTP AUTH identity (``535 5.7.3``), even with a
+    delegate's token, so the owner logs in as itself and the client's MAIL FROM (the shared
+    address) is checked against the owner's Send As right. App-only tokens log in as the mailbox.
+    """
+    if protocol == "smtp" and account.shared and account.flow != FLOW_CLIENT_CREDENTIALS:
+        return account.owner
+    return account.mailbox
+
+
 async def _upstream_login(broker: TokenBroker, upstream: Upstream[C], grant: LoginGrant,
                           timeout: float, protocol: str) -> tuple[C, object]:
-    mailbox = grant.account.mailbox  # XOAUTH2 user=: a shared mailbox is opened with its owner's token
-    conn = await _connect(upstream)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    account = grant.account
+    user = upstream_user(account, protocol)
+    conn: C | None = await _connect(upstream)
+    refreshed = paused = False
     try:
-        for attempt in (1, 2):
+        while True:
             try:
-                token = await broker.access_token(grant, timeout)
+                token = await broker.access_token(grant, max(1.0, deadline - loop.time()))
             except TokenError as exc:
                 raise token_failure(exc) from None
             try:
-                return conn, await upstream.authenticate(conn, mailbox, token)
+                return conn, await upstream.authenticate(conn, user, token)
             except TokenRejected as exc:
-                if attempt == 2 or not broker.reject(grant, token, protocol):
+                if refreshed or not broker.reject(grant, token, protocol):
                     raise LoginFailed(LoginFailed.REJECTED, rejected_text(
-                        grant, str(exc), missing_permission(protocol, token, grant.state.granted_scope))) from None
-                log.info("upstream refused the token for %s; refreshing once and retrying", mailbox)
-                if upstream.is_closed(conn):
-                    upstream.close(conn)
-                    conn = await _connect(upstream)
+                        account, protocol, str(exc), missing_permission(protocol, token, grant.state.granted_scope))
+                    ) from None
+                refreshed = True
+                log.info("%s server refused the token for %s; refreshing once and retrying", protocol, user)
+            except UpstreamRefused as exc:
+                if exc.kind != UpstreamRefused.NOT_CONNECTED or paused \
+                        or deadline - loop.time() < NOT_CONNECTED_PAUSE + 2:
+                    raise LoginFailed(LoginFailed.REJECTED, refused_text(account, protocol, exc)) from None
+                paused = True
+                log.info("%s server accepted the token for %s but is not connected to the mailbox; "
+                         "trying once more in %.0f s", protocol, user, NOT_CONNECTED_PAUSE)
+                upstream.close(conn)
+                conn = None
+                await asyncio.sleep(NOT_CONNECTED_PAUSE)
             except UpstreamError as exc:
                 raise LoginFailed(LoginFailed.UNAVAILABLE, f"Mail server problem: {exc}") from None
+            if conn is not None and upstream.is_closed(conn):
+                upstream.close(conn)
+                conn = None
+            if conn is None:
+                conn = await _connect(upstream)
     except BaseException:
-        upstream.close(conn)
+        if conn is not None:
+            upstream.close(conn)
         raise
-    raise AssertionError("unreachable")
 
 
 async def _connect(upstream: Upstream[C]) -> C:
@@ -165,26 +231,48 @@ async def _connect(upstream: Upstream[C]) -> C:
         raise LoginFailed(LoginFailed.UNAVAILABLE, f"Mail server unreachable: {exc}") from None
 
 
-def rejected_text(grant: LoginGrant, reply: str, missing: str | None = None) -> str:
+def rejected_text(account: AccountConfig, protocol: str, reply: str, missing: str | None = None) -> str:
     """What to tell the client when the mail server refused even a fresh token (``missing``: the
     permission the token is known to lack for this protocol)."""
-    account, mailbox = grant.account, grant.account.mailbox
-    if missing and account.flow != FLOW_CLIENT_CREDENTIALS:
-        return (f"The mail server refused the access token ({reply}): the authorization of {account.owner} does "
+    mailbox, owner = account.mailbox, account.owner
+    app_only = account.flow == FLOW_CLIENT_CREDENTIALS
+    if missing and not app_only:
+        return (f"The mail server refused the access token ({reply}): the authorization of {owner} does "
                 f"not include {missing} (for example, it was given before this protocol was configured). Run "
-                f"`proxy authorize {account.owner}` again to add it; if that does not help, the app registration "
+                f"`proxy authorize {owner}` again to add it; if that does not help, the app registration "
                 f"needs the permission {missing} (docs/azure-setup.md)")
-    if account.flow == FLOW_CLIENT_CREDENTIALS:
-        return (f"The mail server refused the app's token for the mailbox {mailbox} ({reply}). An Exchange "
-                "admin must register the app's service principal and give it access to this mailbox "
-                "(see docs/azure-setup.md)")
+    if protocol == "smtp":
+        user = upstream_user(account, protocol)
+        return (f"The mail server refused the token of {owner} for sending as {user} ({reply}). "
+                + hints.smtp_refused_hint(reply, user, owner, app_only))
+    if app_only:
+        return (f"The mail server refused the app's token for the mailbox {mailbox} ({reply}). "
+                + (hints.imap_refused_hint(mailbox, owner, True) if protocol == "imap" else
+                   "An Exchange admin must register the app's service principal and give it access to this "
+                   "mailbox (see docs/azure-setup.md)"))
+    checks = hints.imap_refused_hint(mailbox, owner, False) + " " if protocol == "imap" else ""
     if account.shared:
-        return (f"The mail server refused to open the mailbox {mailbox} with the token of {account.owner} "
-                f"({reply}): {account.owner} may not open {mailbox}. An Exchange admin grants it with "
-                f"Add-MailboxPermission -Identity {mailbox} -User {account.owner} -AccessRights FullAccess; "
-                f"if {account.owner}'s own logins fail too, run `proxy authorize {account.owner}` again")
-    return (f"The mail server refused the access token ({reply}). If this persists, run "
-            f"`proxy authorize {account.owner}` again and check that the mailbox {mailbox} allows this protocol")
+        return (f"The mail server refused to open the mailbox {mailbox} with the token of {owner} ({reply}). "
+                f"{checks}If {owner}'s own logins fail too, run `proxy authorize {owner}` again")
+    return (f"The mail server refused the access token ({reply}). {checks}If this persists, run "
+            f"`proxy authorize {owner}` again and check that the mailbox {mailbox} allows this protocol")
+
+
+def refused_text(account: AccountConfig, protocol: str, refusal: UpstreamRefused) -> str:
+    """What to tell the client when the mail server refused for a reason that is not the token."""
+    if refusal.kind == UpstreamRefused.NOT_CONNECTED:
+        who = "the app's token" if account.flow == FLOW_CLIENT_CREDENTIALS else f"the token of {account.owner}"
+        what = f"accepted {who} but does not open the mailbox {account.mailbox}"
+    else:
+        what = f"does not allow SMTP AUTH for {upstream_user(account, protocol)}"
+    return f"The mail server {what} ({refusal}). " + refusal_hint(account, protocol, refusal)
+
+
+def refusal_hint(account: AccountConfig, protocol: str, refusal: UpstreamRefused) -> str:
+    """What to do about a refusal that is not about the token (for the client and `proxy check`)."""
+    if refusal.kind == UpstreamRefused.NOT_CONNECTED:
+        return hints.not_connected_hint(account.mailbox, account.owner, account.flow == FLOW_CLIENT_CREDENTIALS)
+    return hints.smtp_auth_disabled_hint(str(refusal), upstream_user(account, protocol))
 
 
 def token_failure(exc: TokenError) -> LoginFailed:

@@ -133,6 +133,34 @@ class Endpoint(asyncio.Protocol):
             start = len(self._buffer)
             await self._wait()
 
+    async def readline_cut(self, keep: int, limit: int) -> bytes:
+        """Like :meth:`readline`, but a line longer than ``keep`` bytes is cut to its first ``keep``
+        bytes plus CRLF, the rest read and dropped; LineTooLong only beyond ``limit`` bytes."""
+        head: bytes | None = None
+        dropped = 0
+        while True:
+            end = self._buffer.find(b"\n")
+            if end >= 0:
+                if dropped + end + 1 > limit:
+                    raise LineTooLong(f"line longer than {limit} bytes")
+                line = bytes(self._buffer[:end + 1])
+                del self._buffer[:end + 1]
+                self._maybe_resume()
+                if head is None and len(line) <= keep:
+                    return line
+                return (head if head is not None else line[:keep]) + b"\r\n"
+            if head is None and len(self._buffer) > keep:
+                head = bytes(self._buffer[:keep])
+            if head is not None:
+                dropped += len(self._buffer)
+                self._buffer.clear()
+                self._maybe_resume()
+                if dropped > limit:
+                    raise LineTooLong(f"line longer than {limit} bytes")
+            if self._eof:
+                raise ConnectionClosed("connection closed")
+            await self._wait()
+
     async def readexactly(self, n: int) -> bytes:
         while len(self._buffer) < n:
             if self._eof:

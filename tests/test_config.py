@@ -29,6 +29,12 @@ def test_defaults(tmp_path):
     assert "offline_access" not in config.identity.msal_scopes
     assert config.account("ALICE@firm.DE").username == "alice@firm.de"
     assert config.account("bob@firm.de") is None
+    # refusals that pass by themselves (Conditional Access, MFA): a login retries once a minute,
+    # the background every 30 minutes
+    assert (config.identity.refresh_retry_on_login, config.identity.refresh_retry_in_background) == (60, 1800)
+    custom = parse({**BASE, "identity": {**BASE["identity"], "refresh_retry_on_login": 120,
+                                         "refresh_retry_in_background": 600}})
+    assert (custom.identity.refresh_retry_on_login, custom.identity.refresh_retry_in_background) == (120, 600)
 
 
 def test_example_config_is_complete_apart_from_placeholders(tmp_path):
@@ -58,6 +64,9 @@ def test_example_config_is_complete_apart_from_placeholders(tmp_path):
     ({"accounts": []}, "accounts"),
     ({"accounts": [{"username": "a@b"}, {"username": "A@B"}]}, "accounts[1].username"),
     ({"accounts": [{"user": "a@b"}]}, "accounts[0].username: required"),
+    ({"identity": {**BASE["identity"], "refresh_retry_on_login": 0}}, "identity.refresh_retry_on_login"),
+    ({"identity": {**BASE["identity"], "refresh_retry_in_background": "often"}}, "identity.refresh_retry_in_background"),
+    ({"identity": {**BASE["identity"], "refresh_retry_in_background": 10}}, "identity.refresh_retry_in_background"),
     ({"limits": {"login_timeout": 0}}, "limits.login_timeout"),
     ({"limits": {"login_timeout": "fast"}}, "limits.login_timeout"),
     ({"extra": 1}, "extra: unknown key"),

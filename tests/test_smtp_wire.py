@@ -115,14 +115,18 @@ def test_local_extensions_offer_only_what_can_be_passed_through() -> None:
     (LoginFailed.REJECTED, "535 5.7.8 "), (LoginFailed.UNAVAILABLE, "454 4.7.0 "),
 ])
 def test_login_failure_reply(kind: str, prefix: str) -> None:
-    text = "Run `proxy authorize a@b.c`\r\n250 injected\x00" + "x" * 1000
+    text = "Run `proxy authorize a@b.c`\r\n250 injected\x00" + "x" * 1000 + " and what to do" + " y" * 2000
     reply = login_failure_reply(LoginFailed(kind, text))
-    assert reply.startswith(prefix)
-    assert len(reply) <= 510 and reply.isprintable()
+    lines = reply.split("\r\n")
     if kind == LoginFailed.CREDENTIALS:
         assert reply == "535 5.7.8 Authentication credentials invalid"  # nothing about why
-    else:
-        assert "proxy authorize a@b.c" in reply and "250 injected" in reply
+        return
+    # a long text (a refusal and its advice) goes on several lines of RFC 5321 size, not cut off
+    assert 1 < len(lines) <= 4
+    assert all(line.startswith(prefix.replace(" ", "-", 1)) for line in lines[:-1]) and lines[-1].startswith(prefix)
+    assert all(len(line) <= 510 and line.isprintable() for line in lines)
+    assert "proxy authorize a@b.c" in lines[0] and "250 injected" in lines[0]   # never at a line's start
+    assert "and what to do" in reply
 
 
 def test_one_line() -> None:

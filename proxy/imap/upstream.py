@@ -1,8 +1,11 @@
-"""Log in to the upstream IMAP server with SASL XOAUTH2 (RFC 3501 + Microsoft/Google XOAUTH2).
+"""The proxy as a client of the upstream IMAP server: connect, read the greeting, log in.
 
-Handles both ways a server refuses a token: Microsoft answers a direct tagged ``NO``; Dovecot
-and Google first send a ``+ <base64 JSON>`` error challenge that must be answered with an empty
-line before the tagged ``NO`` comes. The challenge never reaches the mail client.
+The exchanges themselves are sans-I/O state machines in :mod:`proxy.imap.xoauth2` (each
+server behaviour is a unit-test row there); this module only opens the TLS connection, writes
+what a machine returns and feeds it each response (a line with its literals) until an outcome
+comes out, which it turns into the login sequence's exceptions (:mod:`proxy.login`):
+``TokenRejected`` (the token was refused), ``UpstreamRefused`` (Exchange's "authenticated but
+not connected"), ``UpstreamError`` (anything else; the connection is then unusable).
 """
 
 from __future__ import annotations
@@ -12,15 +15,13 @@ import ssl
 from dataclasses import dataclass
 
 from ..config import Address
-from ..login import TokenRejected, UpstreamError, connect_tls
+from ..login import UpstreamError, connect_tls, login_result
 from ..relay import ConnectionClosed, Endpoint, LineTooLong
-from ..sasl import parse_xoauth2_error, xoauth2_initial_response
-from ..text import server_text
 from ..webproxy import WebProxy
+from . import xoauth2
 
 MAX_RESPONSE = 64 * 1024
 _LITERAL = re.compile(rb"\{(\d{1,6})\+?\}\r?\n$")
-_CAPABILITY_CODE = re.compile(rb"\[CAPABILITY ([^\]\r\n]*)\]", re.IGNORECASE)
 
 
 @dataclass
@@ -43,13 +44,10 @@ async def connect(address: Address, context: ssl.SSLContext, *, via: WebProxy | 
     endpoint = await connect_tls(address, context, via=via)
     conn = Connection(endpoint, [])
     try:
-        greeting = await read_response(endpoint)
-        upper = greeting.upper()
-        if upper.startswith(b"* BYE"):
-            raise UpstreamError(f"{address} refused the connection: {server_text(greeting)}")
-        if not upper.startswith(b"* OK"):
-            raise UpstreamError(f"{address} sent an unexpected greeting: {server_text(greeting)[:100]}")
-        conn.capabilities = _capabilities(greeting) or await capability(conn)
+        greeting = xoauth2.greeting(await read_response(endpoint))
+        if isinstance(greeting, xoauth2.Failed):
+            raise UpstreamError(f"{address} {greeting.text}")
+        conn.capabilities = greeting.names if greeting is not None else await capability(conn)
     except BaseException:
         endpoint.abort()
         raise
@@ -57,64 +55,35 @@ async def connect(address: Address, context: ssl.SSLContext, *, via: WebProxy | 
 
 
 async def capability(conn: Connection) -> list[str]:
-    tag = conn.next_tag()
-    conn.endpoint.write(tag + b" CAPABILITY\r\n")
-    caps: list[str] = []
-    while True:
-        response = await read_response(conn.endpoint)
-        if response.upper().startswith(b"* CAPABILITY "):
-            caps = response[13:].decode("ascii", "replace").split()
-        elif response.startswith(tag + b" "):
-            if not response[len(tag) + 1:].upper().startswith(b"OK"):
-                raise UpstreamError(f"CAPABILITY failed upstream: {server_text(response)}")
-            return caps
+    fetch = xoauth2.CapabilityFetch(conn.next_tag())
+    outcome = await _exchange(conn, fetch.start(), fetch)
+    if not isinstance(outcome, xoauth2.Capabilities):
+        raise UpstreamError(outcome.text)
+    return outcome.names
 
 
 async def authenticate(conn: Connection, user: str, token: str) -> str | None:
-    """AUTHENTICATE XOAUTH2. Returns the post-login CAPABILITY list as a string (or None).
+    """AUTHENTICATE XOAUTH2 and the post-login probe. Returns the capabilities after login (or None).
 
-    Raises TokenRejected when the server says NO, UpstreamError on anything else.
+    Raises TokenRejected when the server refuses the token, UpstreamRefused when it accepts it
+    but does not open the mailbox, UpstreamError on anything else.
     """
-    upper_caps = {c.upper() for c in conn.capabilities}
-    if "AUTH=XOAUTH2" not in upper_caps:
-        raise UpstreamError("the upstream server does not offer AUTH=XOAUTH2")
-    response_b64 = xoauth2_initial_response(user, token)
-    tag = conn.next_tag()
-    ep = conn.endpoint
-    if "SASL-IR" in upper_caps:
-        ep.write(tag + b" AUTHENTICATE XOAUTH2 " + response_b64 + b"\r\n")
-        sent = True
-    else:
-        ep.write(tag + b" AUTHENTICATE XOAUTH2\r\n")
-        sent = False
-    details: dict | None = None
-    caps: str | None = None
+    login = xoauth2.Xoauth2Login(conn.capabilities, user, token, conn.next_tag)
+    first, outcome = login.start()
+    if outcome is None:
+        outcome = await _exchange(conn, first, login)
+    return login_result(outcome)
+
+
+async def _exchange(conn: Connection, first: bytes, machine):
+    """Send ``first``, then feed ``machine`` the responses and send what it says, until it is done."""
+    conn.endpoint.write(first)
     while True:
-        response = await read_response(ep)
-        if response.startswith(b"+"):
-            if not sent:
-                ep.write(response_b64 + b"\r\n")
-                sent = True
-            else:  # error challenge: answer with an empty response, the tagged NO follows
-                details = parse_xoauth2_error(response[1:].strip())
-                ep.write(b"\r\n")
-            continue
-        if response.upper().startswith(b"* CAPABILITY "):
-            caps = response[13:].decode("ascii", "replace").strip()
-            continue
-        if response.startswith(b"*"):
-            continue
-        if not response.startswith(tag + b" "):
-            raise UpstreamError(f"unexpected response during login: {server_text(response)[:100]}")
-        status = response[len(tag) + 1:]
-        if status.upper().startswith(b"OK"):
-            found = _CAPABILITY_CODE.search(status)
-            if found:
-                caps = found.group(1).decode("ascii", "replace").strip()
-            return caps
-        if status.upper().startswith(b"NO"):
-            raise TokenRejected(server_text(status[2:]), details)
-        raise UpstreamError(f"upstream refused AUTHENTICATE: {server_text(status)}")
+        send, outcome = machine.receive(await read_response(conn.endpoint))
+        if send:
+            conn.endpoint.write(send)
+        if outcome is not None:
+            return outcome
 
 
 async def read_response(ep: Endpoint) -> bytes:
@@ -132,8 +101,3 @@ async def read_response(ep: Endpoint) -> bytes:
     except LineTooLong:
         raise UpstreamError("upstream response too large") from None
     return data
-
-
-def _capabilities(greeting: bytes) -> list[str]:
-    found = _CAPABILITY_CODE.search(greeting)
-    return found.group(1).decode("ascii", "replace").split() if found else []

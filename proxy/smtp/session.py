@@ -35,13 +35,15 @@ from typing import TYPE_CHECKING, Awaitable
 from aiosmtpd.smtp import SMTP, Envelope, syntax
 
 from ..config import STARTTLS_OFF, STARTTLS_REQUIRED
-from ..login import LoginFailed, UpstreamError, relogin
+from ..hints import send_as_hint
+from ..login import LoginFailed, UpstreamError, relogin, upstream_user
 from ..logs import log_event
 from ..metrics import METRICS, TO_SERVER
 from ..tokens import LoginGrant
 from .auth import SaslAuthMixin
 from .upstream import Connection
-from .wire import AUTH_REQUIRED, MAX_MESSAGE_SIZE, Reply, advertised_size, data_size_limit, local_extensions, one_line
+from .wire import (AUTH_REQUIRED, MAX_MESSAGE_SIZE, Reply, advertised_size, data_size_limit, local_extensions,
+                   one_line, send_as_denied, with_advice)
 
 if TYPE_CHECKING:
     from .server import SmtpProxy
@@ -59,6 +61,7 @@ _LONE_DOT = re.compile(rb"(?<!\r)\n\.|\r\.")
 LONE_DOT_REFUSED = ("550 5.6.0 Message not sent: it has a bare CR or LF followed by a dot, which the mail "
                     "server could take for the end of the message; use CRLF line ends")
 _LINE_LIMIT = 256 * 1024  # longest command or message line accepted (RFC 5321 says 1,000; clients exceed it)
+_MAIL_FROM = re.compile(r"FROM:\s*<([^>]*)>", re.IGNORECASE)
 
 
 def _has_lone_dot(content: bytes) -> bool:
@@ -317,6 +320,8 @@ class ProxySMTP(SaslAuthMixin, SMTP):
         finally:
             if self.transport is not None:  # (after a disconnect, no timer must be left behind)
                 self._reset_timeout()
+        if send_as_denied(reply):
+            reply = self._send_as_advice(reply, envelope)
         if reply.code == 250:
             self._sent += 1
             self._relayed += len(content)
@@ -329,6 +334,15 @@ class ProxySMTP(SaslAuthMixin, SMTP):
                   protocol="smtp", peer=self.peer, account=self.user, result=reply.code,
                   duration_s=round(duration, 3), bytes=len(content), recipients=len(envelope.rcpt_tos))
         return reply.wire()
+
+    def _send_as_advice(self, reply: Reply, envelope: Envelope) -> Reply:
+        """Exchange refused to send as the MAIL FROM address: say who must grant what to whom."""
+        found = _MAIL_FROM.match(envelope.mail_from or "")
+        sender = found.group(1) if found else "this sender"
+        identity = upstream_user(self.account.account, "smtp") if self.account else self.user
+        log.info("smtp %s user %s: the mail server refused to send as %s for %s", self.peer, self.user, sender,
+                 identity)
+        return with_advice(reply, send_as_hint(identity, sender))
 
     # -- upstream helpers ---------------------------------------------------------------
     async def _start_transaction(self, line: bytes) -> Reply | None:

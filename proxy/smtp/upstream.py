@@ -1,11 +1,13 @@
 """The proxy as a client of the upstream submission server (RFC 5321, STARTTLS RFC 3207, AUTH RFC 4954).
 
 :func:`connect` opens a verified TLS session (STARTTLS on 587, or implicit TLS on 465) and
-learns the server's EHLO keywords; :func:`authenticate` logs in with SASL XOAUTH2, always in
-two steps (``AUTH XOAUTH2``, ``334``, then the token line): Dovecot refuses long AUTH lines
-and Microsoft's tokens can exceed 4,096 characters. A refused token is answered the way
-both Microsoft (direct ``535``) and Dovecot/Google (a ``334`` JSON error challenge that needs
-an empty line, then ``535``) do it. Nothing here logs; no exception text contains a token.
+learns the server's EHLO keywords; :func:`authenticate` runs the SASL XOAUTH2 login, a
+sans-I/O state machine in :mod:`proxy.smtp.xoauth2` (always two steps; how each of
+Microsoft's replies is read is a unit-test row there), and turns its outcome into the login
+sequence's exceptions. Reply lines longer than :data:`~proxy.smtp.wire.MAX_REPLY_LINE` are
+cut, not refused: Microsoft's ``554 5.2.252 SendAsDenied`` is one line of about 2 kB, and a
+permanent refusal must reach the client as one, never become a temporary failure. Nothing
+here logs; no exception text contains a token.
 
 Any :class:`~proxy.login.UpstreamError` leaves the connection unusable: the caller aborts it.
 """
@@ -17,12 +19,15 @@ import ssl
 from dataclasses import dataclass, field
 
 from ..config import Address
-from ..login import TokenRejected, UpstreamError
+from ..login import UpstreamError, login_result
 from ..relay import WRITE_HIGH_WATER, ConnectionClosed, Endpoint, LineTooLong
-from ..sasl import SaslError, parse_xoauth2_error, xoauth2_initial_response
 from ..tls import describe_tls_error
 from ..webproxy import WebProxy, open_connection
+from . import xoauth2
 from .wire import MAX_REPLY_LINE, MAX_REPLY_LINES, Reply, dot_stuff, parse_ehlo, parse_reply_line
+
+#: A reply line longer than this is refused as invalid (it is cut at MAX_REPLY_LINE up to here).
+MAX_LONG_REPLY_LINE = 1024 * 1024
 
 
 @dataclass
@@ -117,29 +122,19 @@ async def connect(address: Address, tls_mode: str, context: ssl.SSLContext, loca
     return conn
 
 
-async def authenticate(conn: Connection, mailbox: str, token: str) -> dict[str, str]:
-    """AUTH XOAUTH2 in two steps. Returns the EHLO keywords.
+async def authenticate(conn: Connection, user: str, token: str) -> dict[str, str]:
+    """AUTH XOAUTH2 as ``user``. Returns the EHLO keywords.
 
-    Raises TokenRejected on 535 (the server refused the token), UpstreamError otherwise.
+    Raises TokenRejected when the server refused the token, UpstreamRefused when SMTP AUTH is
+    disabled (``535 5.7.139``), UpstreamError otherwise (a 4xx such as ``432 4.3.2`` too many
+    connections included).
     """
-    if "XOAUTH2" not in conn.extensions.get("AUTH", "").upper().split():
-        raise UpstreamError(f"{conn.address} does not offer AUTH XOAUTH2")
-    reply = await conn.command(b"AUTH XOAUTH2", None)
-    if reply.code == 334:
-        try:
-            response = xoauth2_initial_response(mailbox, token)
-        except SaslError:
-            raise UpstreamError("the access token contains characters XOAUTH2 cannot carry") from None
-        reply = await conn.command(response, None)
-    details = None
-    if reply.code == 334:  # error challenge (Dovecot, Google): answer empty, the 535 follows
-        details = parse_xoauth2_error(b"".join(reply.lines))
-        reply = await conn.command(b"", None)
-    if reply.code == 235:
-        return conn.extensions
-    if reply.code == 535:
-        raise TokenRejected(f"{reply.code} {reply.text}", details)
-    raise UpstreamError(f"AUTH XOAUTH2 failed: {reply.code} {reply.text}")
+    login = xoauth2.Xoauth2Login(conn.extensions, user, token)
+    send, outcome = login.start()
+    while outcome is None:
+        send, outcome = login.receive(await conn.command(send, None))
+    login_result(outcome)
+    return conn.extensions
 
 
 async def probe(address: Address, tls_mode: str, context: ssl.SSLContext, local_name: str, *,
@@ -156,7 +151,7 @@ async def read_reply(endpoint: Endpoint) -> Reply:
     code = 0
     try:
         while True:
-            line_code, last, text = parse_reply_line(await endpoint.readline(MAX_REPLY_LINE))
+            line_code, last, text = parse_reply_line(await endpoint.readline_cut(MAX_REPLY_LINE, MAX_LONG_REPLY_LINE))
             if lines and line_code != code:
                 raise ValueError("reply code changed within a multi-line reply")
             code = line_code

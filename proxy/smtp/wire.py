@@ -15,9 +15,13 @@ from ..login import LoginFailed
 #: Largest message the proxy buffers, whatever the upstream allows (aiosmtpd keeps a message in
 #: memory until it is relayed). 150 MiB is what Microsoft 365 advertises as its SIZE.
 MAX_MESSAGE_SIZE = 150 * 1024 * 1024
-#: Longest reply line read from the upstream, and most lines in one reply.
+#: Longest reply line kept from the upstream (longer ones are cut, see proxy.smtp.upstream), and
+#: most lines in one reply.
 MAX_REPLY_LINE = 4096
 MAX_REPLY_LINES = 100
+#: Longest reply line sent to a client, CRLF included (RFC 5321 4.5.3.1.5): longer upstream lines
+#: (Microsoft's SendAsDenied is about 2 kB) are cut, keeping code and enhanced code.
+MAX_CLIENT_REPLY_LINE = 512
 #: EHLO keywords passed on to the client when the upstream offers them. They only add MAIL/RCPT
 #: parameters (relayed verbatim) or reply details; nothing the proxy has to implement itself.
 #: CHUNKING/BINARYMIME (BDAT), STARTTLS and the upstream's AUTH are deliberately not offered.
@@ -30,6 +34,8 @@ CREDENTIALS_INVALID = "535 5.7.8 Authentication credentials invalid"
 _MAX_TEXT = 480  # keeps our own reply lines under RFC 5321's 512 octets
 _REPLY_LINE = re.compile(rb"\A([2-5][0-9][0-9])([ -]|(?=\r?\n\Z))(.*?)\r?\n\Z", re.DOTALL)
 _UNPRINTABLE = re.compile(rb"[^\x20-\x7e]")
+_ENHANCED = re.compile(r"\A([245])\.(\d{1,3})\.(\d{1,3})(?!\S)")
+_SEND_AS_DENIED = {"5.2.252", "5.7.60"}
 
 
 @dataclass(frozen=True)
@@ -55,15 +61,39 @@ class Reply:
         """The reply as sent to a client, without the final CRLF (aiosmtpd's ``push`` adds it).
 
         Each line's text is reduced to printable ASCII: an upstream cannot smuggle a line
-        break or a terminal escape sequence to the client through the proxy.
+        break or a terminal escape sequence to the client through the proxy. Lines are cut to
+        :data:`MAX_CLIENT_REPLY_LINE` octets; the code (permanent or temporary) never changes.
         """
         out = []
+        room = MAX_CLIENT_REPLY_LINE - 6  # "NNN " + text + CRLF
         for index, line in enumerate(self.lines):
             clean = _UNPRINTABLE.sub(b"?", line)
+            if len(clean) > room:
+                clean = clean[:room - 3] + b"..."
             last = index == len(self.lines) - 1
             out.append(b"%d%s%s" % (self.code, b" " if last else b"-", clean) if clean or not last
                        else b"%d" % self.code)
         return b"\r\n".join(out)
+
+
+def enhanced_code(reply: Reply) -> str | None:
+    """The enhanced status code (RFC 3463) at the start of the reply's text, e.g. ``"5.7.139"``."""
+    found = _ENHANCED.match(reply.lines[0].decode("ascii", "replace").strip()) if reply.lines else None
+    return ".".join(found.groups()) if found else None
+
+
+def send_as_denied(reply: Reply) -> bool:
+    """Exchange refused the message because the sender may not send as its MAIL FROM address:
+    ``554 5.2.252 SendAsDenied`` (at the end of DATA) or the older ``550 5.7.60``."""
+    return reply.code // 100 == 5 and (enhanced_code(reply) in _SEND_AS_DENIED
+                                       or b"SendAsDenied" in b"".join(reply.lines))
+
+
+def with_advice(reply: Reply, advice: str) -> Reply:
+    """``reply`` (same code, so a permanent failure stays permanent) with one more line: ``advice``."""
+    code = enhanced_code(reply)
+    text = (f"{code} " if code else "") + one_line(advice)
+    return Reply(reply.code, (*reply.lines, text.encode("ascii", "replace")))
 
 
 def parse_reply_line(line: bytes) -> tuple[int, bool, bytes]:
@@ -136,12 +166,28 @@ def dot_stuff(content: bytes, chunk: int = 64 * 1024) -> Iterator[bytes]:
 
 
 def login_failure_reply(failure: LoginFailed) -> str:
-    """The reply to a failed AUTH (RFC 4954 codes); never contains a secret."""
+    """The reply to a failed AUTH (RFC 4954 codes); never contains a secret. A long text (a
+    refusal with its advice) goes on several lines of RFC 5321 size rather than being cut."""
     if failure.kind == LoginFailed.CREDENTIALS:
         return CREDENTIALS_INVALID
     if failure.kind == LoginFailed.UNAVAILABLE:
-        return f"454 4.7.0 {one_line(failure.text)}"
-    return f"535 5.7.8 {one_line(failure.text)}"  # REAUTHORIZE, REJECTED: the text names `proxy authorize`
+        return multiline_reply("454 4.7.0", failure.text)
+    return multiline_reply("535 5.7.8", failure.text)  # REAUTHORIZE, REJECTED: the text names what to do
+
+
+def multiline_reply(code: str, text: str, max_lines: int = 4) -> str:
+    """``code`` (``"535 5.7.8"``) and ``text`` as one reply of up to ``max_lines`` lines, broken at spaces."""
+    basic, _, enhanced = code.partition(" ")
+    words = " ".join("".join(c if c.isprintable() else " " for c in text).split()).split(" ")
+    lines, line = [], ""
+    for word in words:
+        if line and len(line) + 1 + len(word) > _MAX_TEXT:
+            lines.append(line)
+            line = ""
+        line = f"{line} {word}" if line else word
+    lines.append(line)
+    lines = [one_line(part) for part in lines[:max_lines]]
+    return "\r\n".join(f"{basic}{' ' if i == len(lines) - 1 else '-'}{enhanced} {part}" for i, part in enumerate(lines))
 
 
 def one_line(text: str) -> str:

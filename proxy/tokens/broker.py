@@ -35,8 +35,8 @@ from ..logs import register_secret
 from ..metrics import METRICS
 from . import policy
 from .errors import LoginRefused, TokenError
-from .identity import (fetch_app_only_token, has_refresh_token, make_msal_app, new_cache, refresh_delegated,
-                       transport_error)
+from .identity import (HttpCache, fetch_app_only_token, has_refresh_token, make_msal_app, new_cache,
+                       refresh_delegated, transport_error)
 from .state import NEEDS_AUTHORIZATION, REFRESH_FAILING, TokenStatus, token_meta, token_payload
 from .store import (Conflict, Key, Lease, NoTokens, Sealed, Stamp, StoreError, StoreUnavailable, TokenStore, Version,
                     WrongPassword, key_for, open_sealed)
@@ -120,7 +120,7 @@ class TokenBroker:
         self._executor = executor or ThreadPoolExecutor(max_workers=8, thread_name_prefix="tokens")
         self._states: dict[str, AccountState] = {}
         self._pepper = secrets.token_bytes(32)  # keys the in-memory password verifiers
-        self._http_cache: dict = {}
+        self._http_cache = HttpCache()  # msal's, shared by all accounts (discovery, Retry-After)
         self._closed = False
         # A refresh takes at most a few requests, each bounded by identity.timeout.
         self.lease_seconds = max(15.0, 3 * config.identity.timeout)
@@ -495,9 +495,16 @@ class TokenBroker:
                 METRICS.token_refreshes.labels("reauthorize").inc()
                 await self._persist(state, status="needs_authorization")
                 raise TokenError(state.dead, reauthorize=True) from None
-            state.backoff = policy.next_backoff(state.backoff)
             state.failed_at = self.clock()
             METRICS.token_refreshes.labels("failed").inc()
+            if exc.passes:  # Conditional Access and the like: not dead, but no point in asking often
+                identity = self.config.identity
+                state.backoff, state.login_pause = identity.refresh_retry_in_background, identity.refresh_retry_on_login
+                log.warning("account %s: %s; next attempt in %.0f s (at a login after %.0f s)", name, exc,
+                            state.backoff, state.login_pause)
+                raise TokenError(f"{exc} (the proxy tries again at the next login after {state.login_pause:.0f} s, "
+                                 f"and every {state.backoff / 60:.0f} min by itself)", passes=True) from None
+            state.backoff, state.login_pause = policy.next_backoff(state.backoff), policy.LOGIN_RETRY_INTERVAL
             log.warning("account %s: token refresh failed (%s); next attempt in %.0f s", name, exc, state.backoff)
             raise
         token = result["access_token"]

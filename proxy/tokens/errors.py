@@ -4,12 +4,16 @@ from __future__ import annotations
 
 
 class TokenError(Exception):
-    """No usable access token. ``reauthorize`` says whether `proxy authorize` is the fix."""
+    """No usable access token. ``reauthorize`` says whether `proxy authorize` is the fix;
+    ``passes``: Microsoft refused for now for a reason that passes by itself (Conditional
+    Access, MFA, sign-in frequency; see :mod:`proxy.aadsts`), so retry slowly, the account is not dead."""
 
-    def __init__(self, message: str, *, reauthorize: bool = False, retry_after: float | None = None):
+    def __init__(self, message: str, *, reauthorize: bool = False, retry_after: float | None = None,
+                 passes: bool = False):
         super().__init__(message)
         self.reauthorize = reauthorize
         self.retry_after = retry_after
+        self.passes = passes
 
 
 class LoginRefused(Exception):

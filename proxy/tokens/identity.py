@@ -21,10 +21,9 @@ from ..config import POP_SCOPE, IdentityConfig
 from ..hints import shorten
 from ..webproxy import WebProxy
 from ..logs import register_secret
+from .. import aadsts
 from .errors import TokenError
 
-# msal error codes after which only a new browser sign-in helps.
-REAUTHORIZE_ERRORS = frozenset({"invalid_grant", "interaction_required", "consent_required", "login_required"})
 # Scopes added to the defaults after accounts were authorized (POP, with a pop3 section): if the
 # identity provider refuses a refresh for them (the user never consented: AADSTS65001), the
 # refresh is asked again without them, so IMAP and SMTP keep working until `proxy authorize`.
@@ -131,7 +130,7 @@ def refresh_delegated(app: msal.ClientApplication, identity: IdentityConfig,
     if result is None:
         raise TokenError("no refresh token stored", reauthorize=True)
     if "access_token" not in result:
-        raise TokenError(describe_msal_error(result), reauthorize=result.get("error") in REAUTHORIZE_ERRORS)
+        raise refresh_refused(result)
     return result
 
 
@@ -140,6 +139,22 @@ def _consent_missing(result: dict[str, Any]) -> bool:
     codes = result.get("error_codes") or []
     return (bool(_CONSENT_ERRORS.intersection(c for c in codes if isinstance(c, int)))
             or "consent_required" in (result.get("error"), result.get("suberror")))
+
+
+def refresh_refused(result: dict[str, Any]) -> TokenError:
+    """The TokenError for a refresh the identity provider refused, classified by :func:`aadsts.verdict`."""
+    text = describe_msal_error(result)
+    verdict = aadsts.verdict(result)
+    if verdict == aadsts.PERSON:
+        return TokenError(text, reauthorize=True)
+    if verdict == aadsts.TRANSIENT:
+        return TokenError(text)
+    found = aadsts.lookup(result)
+    if found is not None:
+        return TokenError(f"Microsoft does not issue a new token for now: {aadsts.describe(found[0])}; this usually "
+                          "passes by itself, no new authorization is needed", passes=True)
+    return TokenError(f"Microsoft does not issue a new token for now ({text}); the proxy keeps trying; if this "
+                      "persists, run `proxy authorize` again", passes=True)
 
 
 def fetch_app_only_token(identity: IdentityConfig, http_cache: dict | None = None) -> dict[str, Any]:
@@ -171,6 +186,21 @@ def transport_error(exc: Exception, identity: IdentityConfig | None = None) -> T
         return TokenError(f"identity provider unreachable ({exc.__class__.__name__}: {problem})")
     # msal raises MsalServiceError on HTTP 5xx, ValueError on bad metadata or a bad key
     return TokenError(f"identity provider error ({exc.__class__.__name__}: {shorten(str(exc), 120)})")
+
+
+class HttpCache(dict):
+    """msal's ``http_cache`` without its replay of HTTP 400 answers.
+
+    msal answers a repeated request that got a 400 (``invalid_grant`` and the like) from this
+    cache for 60 s without asking. The broker decides itself when to retry a refused refresh
+    (identity.refresh_retry_on_login / _in_background), so such entries are not kept; msal still
+    honours Retry-After after 429 and 5xx.
+    """
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        if isinstance(key, str) and key.endswith(" 400"):
+            return
+        super().__setitem__(key, value)
 
 
 # ------------------------------------------------------------------------------ the token cache

@@ -14,7 +14,7 @@ logged in with expires (``* BYE Session invalidated - AccessTokenExpired``). So:
 - after a failure the background backs off, doubling from 2 s up to ``MAX_BACKOFF``; a waiting
   login may retry sooner, after at most its ``login_pause`` (msal honours Retry-After itself).
   Refusals that pass by themselves (Conditional Access, MFA, sign-in frequency, see
-  :mod:`.aadsts`) use longer, configured pauses instead (``identity.refresh_retry_*``).
+  :mod:`proxy.aadsts`) use longer, configured pauses instead (``identity.refresh_retry_*``).
 """
 
 from __future__ import annotations
