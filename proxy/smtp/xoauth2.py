@@ -27,8 +27,6 @@ from ..outcomes import Accepted, Failed, Outcome, Refused, TokenRefused
 from ..sasl import SaslError, parse_xoauth2_error, xoauth2_initial_response
 from .wire import Reply, enhanced_code
 
-
-
 Step = tuple[Union[bytes, None], Union[Outcome, None]]  # (line to send without CRLF, or None; the outcome)
 
 
