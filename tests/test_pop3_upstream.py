@@ -177,7 +177,7 @@ class ScriptedBroker:
     async def access_token(self, grant, timeout: float) -> str:
         return self.tokens[0]
 
-    def reject(self, grant, token: str) -> bool:
+    def reject(self, grant, token: str, protocol: str = "") -> bool:
         self.rejected.append(token)
         if len(self.tokens) > 1:
             self.tokens.pop(0)
