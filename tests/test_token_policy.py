@@ -11,6 +11,7 @@ import pytest
 from proxy.config import AccountConfig, parse_config
 from proxy.tokens import LoginGrant, TokenBroker, TokenError, policy
 from proxy.tokens.broker import AccountState
+from proxy.tokens.store import Lease, NoTokens, TokenStore
 
 
 @pytest.mark.parametrize("lifetime, margin", [(3600, 1860), (4800, 2460), (1200, 660), (20, 11), (12, 6.6)])
@@ -101,10 +102,42 @@ class FakeProvider:
         return {"access_token": f"token-{self.calls}", "expires_in": self.lifetime}
 
 
+class QuietStore(TokenStore):
+    """A store nobody else writes to: the lease is always free, the record never changes (the
+    broker's refresh timing is under test here, not storing; tests/test_store.py covers that)."""
+
+    class _Lease(Lease):
+        account, version = "a@firm.de", None
+
+        async def release(self) -> None:
+            pass
+
+    def describe(self) -> str:
+        return "memory"
+
+    def where(self, account: str) -> str:
+        return account
+
+    def peek(self, account: str):
+        return None
+
+    async def read(self, account: str):
+        raise NoTokens(account)
+
+    async def write(self, *args, **kwargs):
+        raise AssertionError("not persisted in these tests")
+
+    async def delete(self, account: str) -> bool:
+        return False
+
+    async def lease(self, account: str, seconds: float) -> Lease:
+        return self._Lease()
+
+
 def make_broker(tmp_path, provider: FakeProvider, clock: Clock) -> tuple[TokenBroker, LoginGrant]:
     config = parse_config({"identity": {"authority": "https://login.example/t", "client_id": "c"},
                            "accounts": [{"username": "a@firm.de"}]}, base_dir=tmp_path)
-    broker = TokenBroker(config, store=None, clock=clock)
+    broker = TokenBroker(config, QuietStore(), clock=clock)
     broker._refresh_sync = provider
 
     async def no_persist(state, status="ok"):
@@ -113,6 +146,7 @@ def make_broker(tmp_path, provider: FakeProvider, clock: Clock) -> tuple[TokenBr
     broker._persist = no_persist
     account = AccountConfig("a@firm.de")
     state = AccountState(account, access_token="token-0", expires_at=clock.now + 20, lifetime=20.0)
+    state.key = object()  # unlocked (the broker refreshes only accounts whose key it holds)
     return broker, LoginGrant(account, state)
 
 
