@@ -27,13 +27,14 @@ from pathlib import Path
 
 import pytest
 
+from proxy.tokens.policy import refresh_margin
 from tests.faultbed import leaks
 from tests.harness import ROOT, proxy_env, rss_kib
 from tests.opsbed import PROXY, http_get, sample, scrape
 from tests.replicas import HAProxy, Replicas
 
-LIFETIME = 20            # seconds an access token lives: refreshed 5 s before it expires
-PERIOD = LIFETIME - LIFETIME / 4   # a replica alone refreshes an account every 15 s
+LIFETIME = 20            # seconds an access token lives
+PERIOD = LIFETIME - refresh_margin(LIFETIME)   # a replica alone refreshes an account this often (9 s)
 RUN = 90.0
 PASSWORD = "replica password 1"
 NEW_PASSWORD = "the new password 2"

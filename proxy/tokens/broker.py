@@ -160,7 +160,8 @@ class TokenBroker:
         Preferably a fresh one (at least half its lifetime left, :func:`policy.fresh`): Exchange
         ends a session when the token it logged in with expires. A login that finds less waits
         for a refresh; if that fails, or takes more than :func:`policy.refresh_budget`, and the
-        old token is still usable, the login goes on with the old token.
+        old token is still usable, the login goes on with the old token. It also does at once
+        while the token store is unreachable (the refresh waits for the store's lease).
         """
         state = grant.state
         if state.dead:
@@ -176,6 +177,10 @@ class TokenBroker:
             wait = policy.login_retry_in(now, state.failed_at, state.backoff, state.login_pause)
             raise TokenError(f"no valid token, and the last refresh failed ({state.last_error}); "
                              f"retrying in {wait:.0f} s", retry_after=wait)
+        if current is not None and not self.store.available:
+            # The refresh must wait for the store (its lease) while the old token still works: a
+            # login does not wait for that (its session may end sooner than half a lifetime).
+            return current
         budget = timeout if current is None else min(timeout, policy.refresh_budget(timeout))
         try:
             return await asyncio.wait_for(asyncio.shield(task), budget)
