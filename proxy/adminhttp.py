@@ -3,7 +3,9 @@
 A deliberately small HTTP/1.1 server on asyncio streams: GET and HEAD only, one request per
 connection, bounded request size and time. It shares the proxy's event loop, so its answers
 reflect the listeners' real state. Nothing it serves is secret: listener states, account names
-with their readiness, and the Prometheus metrics (see :mod:`proxy.metrics`).
+with their readiness, and the Prometheus metrics (see :mod:`proxy.metrics`); no file paths.
+With ``admin.token`` (required off loopback) every request needs ``Authorization: Bearer <token>``,
+else 401.
 
 - ``/healthz``: 200 while the process runs and every listener is bound and accepting
   (503 during shutdown). For liveness probes and the container HEALTHCHECK.
@@ -16,6 +18,7 @@ with their readiness, and the Prometheus metrics (see :mod:`proxy.metrics`).
 from __future__ import annotations
 
 import asyncio
+import hmac
 import inspect
 import json
 import logging
@@ -33,8 +36,10 @@ Check = Callable[[], "tuple[bool, dict] | Awaitable[tuple[bool, dict]]"]
 
 
 class AdminServer:
-    def __init__(self, address: Address, *, health: Check, ready: Check, metrics: Metrics):
+    def __init__(self, address: Address, *, health: Check, ready: Check, metrics: Metrics,
+                 token: str | None = None):
         self.address = address
+        self.token = token  # if set, every request needs "Authorization: Bearer <token>"
         self.health, self.ready, self.metrics = health, ready, metrics
         self.server: asyncio.AbstractServer | None = None
         self._connections: set[asyncio.Task] = set()
@@ -62,8 +67,9 @@ class AdminServer:
             self._connections.add(task)
         try:
             status, content_type, body, head = await asyncio.wait_for(self._request(reader), _REQUEST_TIMEOUT)
+            challenge = 'WWW-Authenticate: Bearer realm="proxy"\r\n' if status == HTTPStatus.UNAUTHORIZED else ""
             writer.write(f"HTTP/1.1 {status.value} {status.phrase}\r\nContent-Type: {content_type}\r\n"
-                         f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n"
+                         f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\n{challenge}Connection: close\r\n\r\n"
                          .encode("ascii") + (b"" if head else body))
             await writer.drain()
         except (asyncio.TimeoutError, ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
@@ -79,17 +85,23 @@ class AdminServer:
     async def _request(self, reader: asyncio.StreamReader) -> tuple[HTTPStatus, str, bytes, bool]:
         request_line = (await reader.readline()).decode("latin-1").strip()
         size = len(request_line)
-        while True:  # headers: read and ignore
+        authorization = ""
+        while True:  # headers: only Authorization matters
             line = await reader.readline()
             size += len(line)
             if size > _MAX_REQUEST:
                 return _text(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "request too large\n")
             if line in (b"\r\n", b"\n", b""):
                 break
+            name, _, value = line.decode("latin-1").partition(":")
+            if name.strip().lower() == "authorization":
+                authorization = value.strip()
         parts = request_line.split()
         if len(parts) != 3 or not parts[2].startswith("HTTP/"):
             return _text(HTTPStatus.BAD_REQUEST, "bad request\n")
         method, target = parts[0], parts[1].split("?", 1)[0]
+        if self.token is not None and not _bearer_matches(authorization, self.token):
+            return _text(HTTPStatus.UNAUTHORIZED, "a bearer token is required (admin.token)\n")
         if method not in ("GET", "HEAD"):
             return _text(HTTPStatus.METHOD_NOT_ALLOWED, "GET or HEAD only\n")
         head = method == "HEAD"
@@ -103,6 +115,11 @@ class AdminServer:
             status = HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE
             return status, "application/json", body.encode("utf-8"), head
         return (*_text(HTTPStatus.NOT_FOUND, "not found: try /healthz, /readyz or /metrics\n")[:3], head)
+
+
+def _bearer_matches(authorization: str, token: str) -> bool:
+    scheme, _, given = authorization.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
 
 
 def _text(status: HTTPStatus, text: str) -> tuple[HTTPStatus, str, bytes, bool]:

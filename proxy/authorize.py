@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import http.server
 import os
+import secrets
 import socket
 import sys
 import tempfile
@@ -34,8 +35,9 @@ from .system import current_user, make_private_dir
 from .tokens.errors import TokenError
 from .tokens.identity import (begin_browser_sign_in, begin_device_sign_in, cached_home_account_id,
                               describe_msal_error, fetch_app_only_token, finish_browser_sign_in,
-                              finish_device_sign_in, make_msal_app, new_cache)
+                              finish_device_sign_in, make_msal_app, new_cache, signed_in_identity)
 from .tokens.state import token_meta, token_payload
+from .tokens.folder import FolderStore
 from .tokens.store import Key, StoreError, derive_key, open_store
 
 _PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>{title}</title></head>
@@ -46,35 +48,81 @@ class AuthorizeError(Exception):
     """The sign-in did not complete; the message says what to do next."""
 
 
+class _Server(http.server.ThreadingHTTPServer):
+    """One thread per connection (each with a deadline), so a connection that sends nothing, or
+    sends slowly, cannot keep the real redirect out; quiet about broken requests."""
+
+    daemon_threads = True
+    MAX_CONNECTIONS = 32
+
+    def __init__(self, *args, **kwargs) -> None:
+        self._slots = threading.BoundedSemaphore(self.MAX_CONNECTIONS)
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request, client_address) -> None:
+        if not self._slots.acquire(blocking=False):  # a flood: drop the newcomer, keep serving the others
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request, client_address) -> None:  # no traceback on the terminal
+        pass
+
+
+class _V6Server(_Server):
+    address_family = socket.AF_INET6
+
+
 class _Catcher:
-    """A localhost HTTP listener that waits for the identity provider's redirect."""
+    """A localhost HTTP listener that waits for the identity provider's redirect.
+
+    Any local process can reach it (and read the sign-in address, with its ``state``, from the
+    browser's command line): a response is taken only if it carries the sign-in's ``state``;
+    anything else, an ``error=`` included, is answered 400 and changes nothing. Whoever signed
+    in is checked afterwards (:func:`check_signed_in`).
+    """
+
+    REQUEST_TIMEOUT = 10.0  # seconds a connection may take to send its request
 
     def __init__(self, port: int):
         self.state: str | None = None
         self.response: dict[str, str] | None = None
         self.done = threading.Event()
+        self._lock = threading.Lock()
         catcher = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
+            timeout = self.REQUEST_TIMEOUT
+
             def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
                 query = urllib.parse.urlsplit(self.path).query
                 catcher.handle(self, dict(urllib.parse.parse_qsl(query)))
 
             def do_POST(self) -> None:  # noqa: N802
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(min(length, 64 * 1024)).decode("utf-8", "replace")
+                try:
+                    length = int(self.headers.get("Content-Length") or 0)
+                except ValueError:
+                    length = -1
+                if not 0 <= length <= 64 * 1024:
+                    _reply(self, 400, "Bad request", "This address only receives the sign-in result.")
+                    return
+                body = self.rfile.read(length).decode("utf-8", "replace")
                 catcher.handle(self, dict(urllib.parse.parse_qsl(body)))
 
             def log_message(self, *args) -> None:  # the URL carries the authorization code
                 pass
 
-        self.servers = [http.server.HTTPServer(("127.0.0.1", port), Handler)]
+        self.servers: list[http.server.HTTPServer] = [_Server(("127.0.0.1", port), Handler)]
         self.port = self.servers[0].server_address[1]
         if socket.has_ipv6:  # browsers may resolve "localhost" to ::1 first
             try:
-                class V6Server(http.server.HTTPServer):
-                    address_family = socket.AF_INET6
-                self.servers.append(V6Server(("::1", self.port), Handler))
+                self.servers.append(_V6Server(("::1", self.port), Handler))
             except OSError:
                 pass
         for server in self.servers:
@@ -84,17 +132,20 @@ class _Catcher:
         if "code" not in params and "error" not in params:
             _reply(request, 404, "Waiting for the sign-in", "This address only receives the sign-in result.")
             return
-        if self.done.is_set() or params.get("state") != self.state:
+        with self._lock:
+            taken = not self.done.is_set() and self.state is not None and \
+                secrets.compare_digest(params.get("state", ""), self.state)
+            if taken:
+                self.response = params
+                self.done.set()
+        if not taken:
             _reply(request, 400, "Unexpected sign-in response",
                    "This response does not belong to the sign-in that `proxy authorize` is waiting for.")
-            return
-        if "error" in params:
+        elif "error" in params:
             _reply(request, 200, "Sign-in failed", "Return to the terminal for details.")
         else:
             _reply(request, 200, "Sign-in complete",
-                   "The proxy received the authorization. You can close this window.")
-        self.response = params
-        self.done.set()
+                   "Return to the terminal: `proxy authorize` checks who signed in and stores the tokens.")
 
     def close(self) -> None:
         for server in self.servers:
@@ -153,7 +204,7 @@ def authorize_browser(config: Config, account: AccountConfig, password: str, *, 
         raise _unreachable(config, exc) from None
     if "access_token" not in result:
         raise AuthorizeError(_refused(result))
-    _note_signed_in(config, account, result, out)
+    check_signed_in(config, account, result)
     return save_tokens(config, account, password, cache, result)
 
 
@@ -163,12 +214,26 @@ def _refused(result: dict, what: str = "issue tokens", flow: str | None = None) 
     return f"the identity provider refused to {what}: {text}" + (f"\n  What to do: {hint}" if hint else "")
 
 
-def _note_signed_in(config: Config, account: AccountConfig, result: dict, out: TextIO) -> None:
-    signed_in = (result.get("id_token_claims") or {}).get("preferred_username")
-    if signed_in and signed_in.casefold() != account.username.casefold():
-        mailboxes = ", ".join(a.mailbox for a in config.sharing(account.username)) or account.username
-        print(f"Note: signed in as {signed_in}; the proxy will open {mailboxes} with that account's rights.",
-              file=out)
+def check_signed_in(config: Config, owner: AccountConfig, result: dict) -> None:
+    """The person who signed in must be the token owner being authorized (its ``preferred_username``,
+    or its object id if the config names the owner by it); otherwise nothing is stored.
+
+    Anyone on this computer can read the sign-in address from the browser's command line, sign
+    in as somebody else and deliver that code to the redirect listener: without this check the
+    account would silently hold the other person's tokens.
+    """
+    username, oid = signed_in_identity(result)
+    wanted = owner.username.casefold()
+    if (username is not None and username.casefold() == wanted) or (oid is not None and oid.casefold() == wanted):
+        return
+    who = username or (f"the user with object id {oid}" if oid else "a user the identity provider did not name")
+    users = ", ".join(a.username for a in config.sharing(owner.username)) or owner.username
+    raise AuthorizeError(
+        f"signed in as {who}, but this authorizes {owner.username} (for {users}); nothing was stored. "
+        f"Run it again and sign in as {owner.username} (in the browser choose \"Use another account\" if "
+        "it picks one by itself). If this was not you, someone on this computer may have answered the "
+        "sign-in: run it again and watch the browser. If the account really signs in under another name "
+        "(its user principal name), name that one in the config with token:")
 
 
 def browser_unavailable(env: dict[str, str] | None = None, platform: str = sys.platform) -> str | None:
@@ -235,7 +300,7 @@ def authorize_device(config: Config, account: AccountConfig, password: str, *, t
         if error in ("authorization_declined", "access_denied"):
             raise AuthorizeError("the sign-in was declined; nothing was stored")
         raise AuthorizeError(_refused(result, flow="device"))
-    _note_signed_in(config, account, result, out)
+    check_signed_in(config, account, result)
     return save_tokens(config, account, password, cache, result)
 
 
@@ -301,11 +366,14 @@ def check_token_folder(config: Config) -> bool:
     created = False
     try:
         created = make_private_dir(folder)
+        FolderStore(folder).check_private()  # a folder or file other users could tamper with is refused
         fd, probe = tempfile.mkstemp(prefix=".tmp-probe-", dir=folder)
         os.close(fd)
         os.replace(probe, probe + "-renamed")
         os.unlink(probe + "-renamed")
         return created
+    except StoreError as exc:
+        raise AuthorizeError(str(exc)) from None
     except OSError as exc:
         reason = exc.strerror or exc.__class__.__name__
         raise AuthorizeError(f"the token folder {folder} cannot be written by user {current_user()} ({reason}): "

@@ -491,8 +491,11 @@ def cmd_health(config: Config, args: argparse.Namespace) -> int:
     host = f"[{host}]" if ":" in host else host
     url = f"http://{host}:{address.port}/{'readyz' if args.ready else 'healthz'}"
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through an HTTP proxy
+    request = urllib.request.Request(url)
+    if config.admin.token:
+        request.add_header("Authorization", f"Bearer {config.admin.token}")
     try:
-        with opener.open(url, timeout=args.timeout) as response:
+        with opener.open(request, timeout=args.timeout) as response:
             print(response.read().decode("utf-8", "replace").strip())
             return 0
     except urllib.error.HTTPError as exc:

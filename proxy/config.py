@@ -13,7 +13,7 @@ import os
 import re
 import urllib.parse
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -130,9 +130,14 @@ class TlsConfig:
 
 @dataclass(frozen=True)
 class AdminConfig:
-    """``admin``: the HTTP listener for /healthz, /readyz and /metrics (off unless configured)."""
+    """``admin``: the HTTP listener for /healthz, /readyz and /metrics (off unless configured).
+
+    ``token``: every request must carry ``Authorization: Bearer <token>``; required when
+    ``listen`` is not a loopback address (set it inline, with ``token_file``, or with
+    ``PROXY_ADMIN_TOKEN``)."""
 
     listen: Address
+    token: str | None = field(default=None, repr=False)
 
 
 FLOW_DELEGATED = "delegated"                 # a person signs in (browser or device code)
@@ -230,6 +235,11 @@ class LimitsConfig:
     preauth_timeout: float = 60.0
     max_connections: int = 1000
     shutdown_grace: float = 30.0  # seconds open sessions get to finish after SIGTERM
+    # Connections that have not logged in (per protocol): at most this many; when full, the oldest
+    # idle one is dropped for a new one (see proxy/admission.py). Each is closed after this many
+    # seconds without a command.
+    max_prelogin_connections: int = 100
+    prelogin_idle_timeout: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -337,9 +347,7 @@ def _parse_config(data: Any, *, base_dir: Path, source: Path | None, environ: Ma
     pop3_cfg = _listener(pop3, "127.0.0.1:1110", "outlook.office365.com:995", ("implicit",),
                          web_proxy=identity_cfg.http_proxy) if has_pop3 else None
     tls_cfg = _tls_section(root.section("tls"), {"imap": imap_cfg, "smtp": smtp_cfg, "pop3": pop3_cfg})
-    admin = root.section("admin")
-    admin_cfg = AdminConfig(listen=admin.address("listen", "")) if admin.data.get("listen") is not None else None
-    admin.done()
+    admin_cfg = _admin_section(root.section("admin"))
     _check_addresses({"imap.listen": imap_cfg.listen, "imap.tls_listen": imap_cfg.tls_listen,
                       "smtp.listen": smtp_cfg.listen, "smtp.tls_listen": smtp_cfg.tls_listen,
                       "pop3.listen": pop3_cfg.listen if pop3_cfg else None,
@@ -355,7 +363,15 @@ def _parse_config(data: Any, *, base_dir: Path, source: Path | None, environ: Ma
         preauth_timeout=limits.number("preauth_timeout", 60.0, minimum=1, maximum=3600),
         max_connections=int(limits.number("max_connections", 1000, minimum=1, maximum=1_000_000)),
         shutdown_grace=limits.number("shutdown_grace", 30.0, minimum=0, maximum=3600),
+        max_prelogin_connections=int(limits.number("max_prelogin_connections", 100, minimum=1, maximum=1_000_000)),
+        prelogin_idle_timeout=limits.number("prelogin_idle_timeout", 10.0, minimum=1, maximum=3600),
     )
+    if limits.data.get("max_prelogin_connections") is None:  # the default is a part of a smaller max_connections
+        limits_cfg = replace(limits_cfg, max_prelogin_connections=min(limits_cfg.max_prelogin_connections,
+                                                                      limits_cfg.max_connections))
+    elif limits_cfg.max_prelogin_connections > limits_cfg.max_connections:
+        raise ConfigError(f"limits.max_prelogin_connections: {limits_cfg.max_prelogin_connections} is more than "
+                          f"limits.max_connections ({limits_cfg.max_connections}); it is a part of it")
     limits.done()
 
     accounts = []
@@ -436,6 +452,30 @@ def _tokens(section: "_Section", base_dir: Path) -> TokensConfig:
         if not password or "\n" in password:
             raise ConfigError(f"tokens.dsn_password_file: {password_file} must hold the password on one line")
     return TokensConfig(path=path, store=store, dsn=dsn, dsn_password=password)
+
+
+def _admin_section(section: "_Section") -> AdminConfig | None:
+    """``admin``: the listener and its bearer token (required off loopback)."""
+    token, token_file = section.string("token"), section.path("token_file", must_exist=True)
+    if token is not None and token_file is not None:
+        raise ConfigError("admin.token_file: give either admin.token or admin.token_file, not both")
+    if token_file is not None:
+        token = _read(token_file, "admin.token_file").strip()
+    if token is not None and (len(token) < 16 or any(c.isspace() or not c.isprintable() for c in token)):
+        raise ConfigError(f"admin.{'token_file' if token_file else 'token'}: the token must be at least 16 "
+                          "printable characters without spaces (e.g. `openssl rand -hex 24`)")
+    if section.data.get("listen") is None:
+        section.done()
+        if token is not None:
+            raise ConfigError("admin.token: there is no admin.listen to protect")
+        return None
+    listen = section.address("listen", "")
+    section.done()
+    if token is None and not listen.is_loopback:
+        raise ConfigError(f"admin.listen: {listen} is not a loopback address, so others could read the "
+                          "readiness and metrics and load the proxy: set admin.token (or admin.token_file, or "
+                          "PROXY_ADMIN_TOKEN) and give it to the scraper as a bearer token, or listen on 127.0.0.1")
+    return AdminConfig(listen=listen, token=token)
 
 
 def _resolve_owners(accounts: list[AccountConfig]) -> list[AccountConfig]:

@@ -22,9 +22,10 @@ import ssl
 import time
 from typing import Any, Protocol
 
+from .admission import Admission, Slot
 from .config import STARTTLS_OFF, STARTTLS_REQUIRED, Config, ListenerConfig
 from .events import Close, Event, Login, Send, StartTLS
-from .listeners import HANDSHAKE_TIMEOUT, Listeners
+from .listeners import HANDSHAKE_TIMEOUT, Listeners, unread_input
 from .login import LoginFailed, Upstream, login
 from .logs import log_event
 from .metrics import METRICS
@@ -60,6 +61,8 @@ class CoreFront(Listeners):
     busy_reply = b""              # over limits.max_connections, then closed
     shutdown_reply = b""          # the proxy is shutting down, then closed
     timeout_reply = b""           # no login within limits.preauth_timeout, then closed
+    evicted_reply = b""           # dropped for a newer connection (pre-login budget full), then closed
+    idle_reply = b""              # no command within limits.prelogin_idle_timeout (%d: the seconds), then closed
 
     def __init__(self, config: Config, broker: TokenBroker, *, upstream_tls: ssl.SSLContext,
                  throttle: FailureThrottle | None = None, server_tls: ssl.SSLContext | None = None):
@@ -69,6 +72,8 @@ class CoreFront(Listeners):
         self.server_tls = server_tls  # for tls_listen and STARTTLS
         self.throttle = throttle or FailureThrottle()
         self.sessions: set[asyncio.Task] = set()
+        self.admission = Admission()
+        self._log = self.log
         self.draining = False
         self._reading: set[Endpoint] = set()  # sessions waiting for a command before login
         self._upstream: Upstream[Any] = Upstream(
@@ -111,16 +116,23 @@ class CoreFront(Listeners):
         self.config, self.upstream_tls = config, upstream_tls
 
     def _accept(self, client: Endpoint, tls: bool = False) -> None:
-        if len(self.sessions) >= self.config.limits.max_connections:
+        slot = self._admit()
+        if slot is None:
             client.write(self.busy_reply)
             client.close()
             return
-        task = asyncio.get_running_loop().create_task(self._session(client, tls))
+
+        def evict() -> None:
+            client.write(self.evicted_reply)
+            client.close()
+        slot.on_evict = evict
+        slot.has_input = lambda: bool(client._buffer) or unread_input(client.transport)
+        task = asyncio.get_running_loop().create_task(self._session(client, tls, slot))
         self.sessions.add(task)
         task.add_done_callback(self.sessions.discard)
 
     # -- one session ------------------------------------------------------------------------
-    async def _session(self, client: Endpoint, tls: bool = False) -> None:
+    async def _session(self, client: Endpoint, tls: bool = False, slot: Slot | None = None) -> None:
         log, protocol = self.log, self.protocol
         peer = _peername(client)
         started = time.monotonic()
@@ -131,9 +143,13 @@ class CoreFront(Listeners):
         log_event(log, "%s %s session start%s", protocol, peer, " (TLS)" if tls else "", event="session_start",
                   protocol=protocol, peer=peer, tls=tls)
         client.write(core.greeting())
+        if slot is not None:
+            slot.waiting()  # (greeted: from now on it waits for its client)
         account, result = None, "closed before login"
         try:
-            deadline = started + self.config.limits.preauth_timeout
+            limits = self.config.limits
+            deadline = started + limits.preauth_timeout
+            last_command = started
             events: list = []
             while True:
                 if not events:
@@ -141,16 +157,29 @@ class CoreFront(Listeners):
                         client.write(self.shutdown_reply)
                         result = "proxy shutting down"
                         return
+                    if slot is not None and slot.released:
+                        result = "dropped for a newer connection"
+                        return
+                    idle_until = last_command + limits.prelogin_idle_timeout
                     self._reading.add(client)
                     try:
-                        data = await asyncio.wait_for(client.read(), max(0.0, deadline - time.monotonic()))
+                        data = await asyncio.wait_for(client.read(),
+                                                      max(0.0, min(deadline, idle_until) - time.monotonic()))
                     except asyncio.TimeoutError:
-                        client.write(self.timeout_reply)
-                        result = "pre-login timeout"
+                        if idle_until < deadline:
+                            client.write(self.idle_reply % limits.prelogin_idle_timeout)
+                            result = "pre-login idle timeout"
+                        else:
+                            client.write(self.timeout_reply)
+                            result = "pre-login timeout"
                         return
                     finally:
                         self._reading.discard(client)
                     events = core.receive_data(data)
+                    if events:  # a command (bytes that make none, a byte at a time, do not count)
+                        last_command = time.monotonic()
+                        if slot is not None:
+                            slot.waiting()  # answered below: then it waits for the client again
                     continue
                 event = events.pop(0)
                 if isinstance(event, Send):
@@ -165,16 +194,19 @@ class CoreFront(Listeners):
                     return
                 elif isinstance(event, Login):
                     account = event.username
-                    conn, refusal = await self._login(client, core, event, peer)
+                    conn, refusal = await self._login(client, core, event, peer, slot)
                     if conn is not None:
                         result = "logged in"
                         await self._relay(client, conn, core, peer, account, started, tls)
                         return
                     events = refusal + events
+                    last_command = time.monotonic()
         except Exception:  # a bug must not take the listener down; never log event contents
             log.exception("%s %s: session failed", protocol, peer)
         finally:
             client.close()
+            if slot is not None:
+                slot.release()
             METRICS.session_closed(protocol)
             if result != "logged in":
                 duration = time.monotonic() - started
@@ -199,25 +231,30 @@ class CoreFront(Listeners):
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         return True
 
-    async def _login(self, client: Endpoint, core: Core, event: Login,
-                     peer: str) -> tuple[UpstreamConnection | None, list[Event]]:
+    async def _login(self, client: Endpoint, core: Core, event: Login, peer: str,
+                     slot: Slot | None = None) -> tuple[UpstreamConnection | None, list[Event]]:
         """Log in; returns the upstream connection, or None and the core's events after a failure."""
         started = time.monotonic()
         protocol = self.protocol
         try:
             if event.authzid and event.authzid.casefold() != event.username.casefold():
                 raise LoginFailed(LoginFailed.CREDENTIALS, "Logging in on behalf of another user is not supported")
-            conn, result, _ = await login(
+            conn, result, grant = await login(
                 self.broker, self.throttle, self._upstream, username=event.username, password=event.password,
-                source=peer.rsplit(":", 1)[0], timeout=self.config.limits.login_timeout, protocol=protocol)
+                source=peer.rsplit(":", 1)[0], timeout=self.config.limits.login_timeout, protocol=protocol,
+                slot=slot)
         except LoginFailed as failure:
             return None, self.login_refusal(core, failure)
-        self.throttle.succeeded(event.username.casefold())
         duration = time.monotonic() - started
         log_event(self.log, "%s %s login %s ok (%.0f ms)", protocol, peer, event.username, duration * 1000,
                   event="login", protocol=protocol, peer=peer, account=event.username, result="ok",
                   duration_s=round(duration, 3))
         client.write(self.login_reply(core, result))
+
+        def close(reason: str) -> None:  # (no goodbye line: the relay may be in the middle of a response)
+            self.log.info("%s %s: closing the session of %s: %s", protocol, peer, grant.account.username, reason)
+            client.close()
+        self.track_session(client, grant.account, close)
         return conn, []
 
     async def _relay(self, client: Endpoint, conn: UpstreamConnection, core: Core, peer: str,
@@ -236,6 +273,7 @@ class CoreFront(Listeners):
         try:
             await asyncio.wait([client.closed, server.closed], return_when=asyncio.ALL_COMPLETED)
         finally:
+            self.untrack_session(client)
             server.close()
             METRICS.relayed.finish(key)
             up, down = relayed()

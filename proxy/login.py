@@ -24,6 +24,7 @@ import time
 from typing import Awaitable, Callable, Generic, TypeVar
 
 from . import hints
+from .admission import Slot
 from .config import FLOW_CLIENT_CREDENTIALS, AccountConfig
 from .logs import log_event
 from .metrics import METRICS
@@ -112,30 +113,81 @@ class Upstream(Generic[C]):
         self.connect, self.authenticate, self.is_closed, self.close = connect, authenticate, is_closed, close
 
 
+class _Progress:
+    """What a login is waiting for, so a timeout names the real cause."""
+
+    PASSWORD, TOKEN, SERVER = "password", "token", "server"
+
+    def __init__(self) -> None:
+        self.step = self.PASSWORD
+
+
+def timeout_text(step: str, timeout: float) -> str:
+    """The refusal for a login that ran out of time while waiting for ``step``."""
+    if step == _Progress.PASSWORD:
+        return (f"Login timed out after {timeout:.0f} s: the proxy is busy checking other login attempts "
+                "for this account (many at once, possibly password guessing); try again in a minute")
+    if step == _Progress.TOKEN:
+        return f"Login timed out after {timeout:.0f} s: the identity provider is not answering; try again later"
+    return f"Login timed out after {timeout:.0f} s: the mail server is not answering; try again later"
+
+
 async def login(broker: TokenBroker, throttle: FailureThrottle, upstream: Upstream[C], *, username: str,
-                password: str, source: str, timeout: float, protocol: str) -> tuple[C, object, LoginGrant]:
-    """Run the whole login; returns (connection, authenticate's result, the grant for relogin)."""
+                password: str, source: str, timeout: float, protocol: str,
+                slot: Slot | None = None) -> tuple[C, object, LoginGrant]:
+    """Run the whole login; returns (connection, authenticate's result, the grant for relogin).
+
+    ``slot`` (the connection's place in its listener's :class:`~proxy.admission.Admission`) is
+    told what the login is doing: checking, verified, penalised (a failure holds it for its whole
+    delay, also if the client hangs up meanwhile) and finally logged in or idle again.
+    """
     started = time.monotonic()
+    progress = _Progress()
+    guessed = _owner_of(broker, username)  # whose password a wrong guess was for (None: an unknown name)
+    if slot is not None:
+        slot.checking()
     try:
         try:
-            result = await asyncio.wait_for(_login(broker, upstream, username, password, timeout, protocol),
+            result = await asyncio.wait_for(_login(broker, upstream, username, password, timeout, protocol,
+                                                   progress, slot),
                                             timeout)
         except asyncio.TimeoutError:
-            raise LoginFailed(LoginFailed.UNAVAILABLE, f"Login timed out after {timeout:.0f} s (identity "
-                              "provider or mail server not answering); try again later") from None
+            raise LoginFailed(LoginFailed.UNAVAILABLE, timeout_text(progress.step, timeout)) from None
     except LoginFailed as failure:
+        delay = 0.0
         if failure.kind == LoginFailed.CREDENTIALS:
-            throttle.failed(username.casefold(), source)
-            delay = throttle.delay(username.casefold(), source)
-            await asyncio.sleep(max(0.0, min(delay, timeout - (time.monotonic() - started) - 0.5)))
+            delay = throttle.failed(guessed, source)  # recorded (and logged below) before any waiting
         duration = time.monotonic() - started
         METRICS.login(protocol, failure.kind, duration)
-        log_event(log, "%s %s login %s failed: %s", protocol, source, username, failure.text, event="login",
-                  protocol=protocol, peer=source, account=username, result=failure.kind,
-                  duration_s=round(duration, 3))
+        log_event(log, "%s %s login %s failed: %s%s", protocol, source, username, failure.text,
+                  f" (answered after {delay:.1f} s more)" if delay else "", event="login", protocol=protocol,
+                  peer=source, account=username, result=failure.kind, duration_s=round(duration, 3),
+                  delay_s=round(delay, 3))
+        if delay > 0:
+            if slot is not None:
+                slot.penalize(delay)
+            # (never past the client's patience: the answer comes within the login timeout)
+            await asyncio.sleep(max(0.0, min(delay, timeout - (time.monotonic() - started) - 0.5)))
+        if slot is not None:
+            slot.idle()
         raise
+    except BaseException:
+        if slot is not None:
+            slot.idle()
+        raise
+    if guessed is not None:
+        throttle.succeeded(guessed)
+    if slot is not None:
+        slot.logged_in()
     METRICS.login(protocol, "ok", time.monotonic() - started)
     return result
+
+
+def _owner_of(broker: TokenBroker, username: str) -> str | None:
+    """The token owner whose password a login for ``username`` checks; None for an unknown name."""
+    config = getattr(broker, "config", None)  # (the tests' stand-ins for the broker may have none)
+    account = config.account(username) if config is not None else None
+    return account.owner if account is not None else None
 
 
 async def relogin(broker: TokenBroker, upstream: Upstream[C], grant: LoginGrant, *, timeout: float,
@@ -145,24 +197,28 @@ async def relogin(broker: TokenBroker, upstream: Upstream[C], grant: LoginGrant,
     Used when an upstream connection is lost mid-session, so a front never has to keep the
     client's password in memory.
     """
+    progress = _Progress()
     try:
-        return await asyncio.wait_for(_upstream_login(broker, upstream, grant, timeout, protocol), timeout)
+        return await asyncio.wait_for(_upstream_login(broker, upstream, grant, timeout, protocol, progress),
+                                      timeout)
     except asyncio.TimeoutError:
-        raise LoginFailed(LoginFailed.UNAVAILABLE, f"Reconnecting timed out after {timeout:.0f} s") from None
+        raise LoginFailed(LoginFailed.UNAVAILABLE, timeout_text(progress.step, timeout)) from None
     except LoginFailed as failure:
         log.info("%s re-login %s failed: %s", protocol, grant.account.username, failure.text)
         raise
 
 
-async def _login(broker: TokenBroker, upstream: Upstream[C], username: str, password: str,
-                 timeout: float, protocol: str) -> tuple[C, object, LoginGrant]:
+async def _login(broker: TokenBroker, upstream: Upstream[C], username: str, password: str, timeout: float,
+                 protocol: str, progress: _Progress, slot: Slot | None) -> tuple[C, object, LoginGrant]:
     try:
         grant = await broker.authenticate(username, password)
     except LoginRefused as exc:
         raise LoginFailed(LoginFailed.CREDENTIALS, str(exc).capitalize()) from None
     except TokenError as exc:
         raise token_failure(exc) from None
-    return (*await _upstream_login(broker, upstream, grant, timeout, protocol), grant)
+    if slot is not None:
+        slot.verified()
+    return (*await _upstream_login(broker, upstream, grant, timeout, protocol, progress), grant)
 
 
 def upstream_user(account: AccountConfig, protocol: str) -> str:
@@ -179,19 +235,23 @@ def upstream_user(account: AccountConfig, protocol: str) -> str:
 
 
 async def _upstream_login(broker: TokenBroker, upstream: Upstream[C], grant: LoginGrant,
-                          timeout: float, protocol: str) -> tuple[C, object]:
+                          timeout: float, protocol: str, progress: _Progress | None = None) -> tuple[C, object]:
+    progress = progress or _Progress()
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     account = grant.account
     user = upstream_user(account, protocol)
+    progress.step = _Progress.SERVER
     conn: C | None = await _connect(upstream)
     refreshed = paused = False
     try:
         while True:
+            progress.step = _Progress.TOKEN
             try:
                 token = await broker.access_token(grant, max(1.0, deadline - loop.time()))
             except TokenError as exc:
                 raise token_failure(exc) from None
+            progress.step = _Progress.SERVER
             try:
                 return conn, await upstream.authenticate(conn, user, token)
             except TokenRejected as exc:

@@ -11,6 +11,7 @@ import asyncio
 import logging
 
 from .config import Config
+from .hardening import disable_core_dumps, exposed_secrets
 from .imap.server import ImapProxy
 from .pop3.server import Pop3Proxy
 from .smtp.server import SmtpProxy
@@ -27,7 +28,13 @@ log = logging.getLogger("proxy")
 
 async def serve(config: Config, *, ready: asyncio.Event | None = None, stop: asyncio.Event | None = None) -> None:
     """Run the proxy until ``stop`` is set or SIGINT/SIGTERM arrives, then shut down gracefully."""
+    hardened = disable_core_dumps()  # a crash must not write tokens to disk
+    if hardened:
+        log.info("process hardening: %s", ", ".join(hardened))
+    for warning in exposed_secrets(config):
+        log.warning(warning)
     store = open_store(config)
+    store.check_private()  # StoreError: a token folder or file others could tamper with is refused
     await store.open(watch=True)  # PostgreSQL: connects in the background if the database is down now
     broker = TokenBroker(config, store)
     throttle = FailureThrottle()  # one for all listeners: guessing over SMTP slows IMAP logins too

@@ -6,9 +6,14 @@
   also covers Windows, which has no SIGHUP): the file is read and validated again, with the
   same environment overrides. A valid new config is handed to the listeners and the token
   broker, which use it for new connections and logins; open sessions keep going on what they
-  have. An invalid one is refused with the error in the log, and the running config stays.
-  Listener addresses, the admin address and the token store (``tokens``) are bound at start:
-  a change to them is logged as needing a restart. Renewed TLS certificate files are picked up.
+  have, except those of accounts removed from the config (or whose mailbox or token owner
+  changed), which are closed. An invalid one is refused with the error in the log, and the
+  running config stays. Listener addresses, the admin address and the token store (``tokens``)
+  are bound at start: a change to them is logged as needing a restart. Renewed TLS certificate
+  files are picked up.
+- **Deleted tokens** (`proxy forget`, `proxy revoke`, maybe run by another process): the broker
+  follows the token store (:mod:`proxy.tokens.broker`); the owner's tokens leave memory and every
+  session that used them is closed.
 - **Health** (``/healthz``): every listener bound and accepting. **Readiness** (``/readyz``):
   this replica can serve: its listeners are bound and it has read the token store at least once
   since it started. Neither an account that needs `proxy authorize` nor a store outage (a
@@ -35,6 +40,7 @@ from pathlib import Path
 from .adminhttp import AdminServer
 from .config import Config, ConfigError, load_config
 from .imap.server import ImapProxy
+from .logs import register_secret
 from .metrics import METRICS
 from .pop3.server import Pop3Proxy
 from .smtp.server import SmtpProxy
@@ -89,6 +95,8 @@ class Runtime:
         self.store_read = False  # the store has been read at least once since start
         self._statuses: asyncio.Task | None = None
         self._status_wakeup = asyncio.Event()
+        if broker is not None:
+            broker.on_owner_gone = self._owner_gone
         METRICS.token_expiry = self.token_expiries
         METRICS.accounts_needing_authorization = self.needing_authorization
         METRICS.store_up = lambda: self.store.available
@@ -103,8 +111,9 @@ class Runtime:
                             "computers cross the network in clear. Prefer %s.starttls: required or %s.tls_listen",
                             name, listener.listen, name, name)
         if self.config.admin is not None:
+            register_secret(self.config.admin.token)  # (masked should it ever reach a log)
             self.admin = AdminServer(self.config.admin.listen, health=self.health, ready=self.readiness,
-                                     metrics=METRICS)
+                                     metrics=METRICS, token=self.config.admin.token)
             await self.admin.start()
         if self.config.source is not None and watch_interval > 0:
             self._watcher = asyncio.get_running_loop().create_task(self._watch(watch_interval))
@@ -253,6 +262,13 @@ class Runtime:
                  len(new.accounts), f", added {', '.join(added)}" if added else "",
                  f", removed {', '.join(removed)}" if removed else "",
                  f", changed {', '.join(changed)}" if changed else "")
+        # Sessions of accounts removed from the config, or whose mailbox or token owner changed, end
+        # now: the config no longer allows them (the others keep going on what they have).
+        closed = sum(front.close_sessions(lambda account: new.account(account.username) != account,
+                                          "the account was removed from the proxy's configuration or changed")
+                     for front in self.fronts)
+        if closed:
+            log.info("config reload: closed %d session(s) of removed or changed accounts", closed)
         for key, get in _RESTART_KEYS:
             if get(old) != get(new):
                 log.warning("config reload: %s changed (%s -> %s); restart `proxy serve` to apply it",
@@ -268,6 +284,18 @@ class Runtime:
             if stamp is not None and stamp != self._file_stamp:
                 self.request_reload("config file changed")
 
+    @property
+    def fronts(self) -> list:
+        return [f for f in (self.imap, self.smtp, self.pop3) if f is not None]
+
+    def _owner_gone(self, owner: str) -> None:
+        """The broker found ``owner``'s tokens deleted: end every session that used them."""
+        folded = owner.casefold()
+        closed = sum(front.close_sessions(lambda account: account.owner_key == folded,
+                                          f"the stored tokens of {owner} were deleted") for front in self.fronts)
+        if closed:
+            log.info("closed %d session(s) that used the deleted tokens of %s", closed, owner)
+
     # -- shutdown -----------------------------------------------------------------------
     async def shutdown(self, grace: float, force: asyncio.Event | None = None) -> None:
         """Close the listeners, let sessions finish for up to ``grace`` seconds, end the rest."""
@@ -275,7 +303,7 @@ class Runtime:
         for task in (self._watcher, self._statuses):
             if task is not None:
                 task.cancel()
-        fronts = [f for f in (self.imap, self.smtp, self.pop3) if f is not None]
+        fronts = self.fronts
         open_sessions = [len(f.sessions) for f in fronts]
         if grace > 0 and sum(open_sessions):
             log.info("shutting down: listeners closed; waiting up to %.0f s for %s", grace, _sessions(open_sessions))

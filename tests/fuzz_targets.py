@@ -304,6 +304,7 @@ class _FakeBroker:
         from proxy.config import AccountConfig
 
         self.state = SimpleNamespace(account=AccountConfig(SMTP_USER))
+        self.config = _fake_config()
 
     async def authenticate(self, username: str, password: str):
         from proxy.tokens import LoginRefused
@@ -328,21 +329,26 @@ class _FakeExtensions:
         pass
 
 
-def _fake_proxy(run: SmtpRun, broker=None):
-    """A real SmtpProxy (so the sessions see every setting they read), with a fake broker, a fake
-    upstream, fixed extensions and a throttle that does not wait."""
+def _fake_config():
     from pathlib import Path
 
     from proxy.config import parse_config
+
+    return parse_config({"identity": {"authority": "https://127.0.0.1:1/tenant", "client_id": "fuzz"},
+                         "imap": {"listen": "127.0.0.1:1143", "upstream": "127.0.0.1:993"},
+                         "smtp": {"listen": "127.0.0.1:1587", "upstream": "127.0.0.1:587"},
+                         "limits": {"login_timeout": 5, "preauth_timeout": 60},
+                         "accounts": [{"username": SMTP_USER}]}, base_dir=Path("."))
+
+
+def _fake_proxy(run: SmtpRun, broker=None):
+    """A real SmtpProxy (so the sessions see every setting they read), with a fake broker, a fake
+    upstream, fixed extensions and a throttle that does not wait."""
     from proxy.login import Upstream
     from proxy.smtp.server import SmtpProxy
     from proxy.throttle import FailureThrottle
 
-    config = parse_config({"identity": {"authority": "https://127.0.0.1:1/tenant", "client_id": "fuzz"},
-                           "imap": {"listen": "127.0.0.1:1143", "upstream": "127.0.0.1:993"},
-                           "smtp": {"listen": "127.0.0.1:1587", "upstream": "127.0.0.1:587"},
-                           "limits": {"login_timeout": 5, "preauth_timeout": 60},
-                           "accounts": [{"username": SMTP_USER}]}, base_dir=Path("."))
+    config = _fake_config()
 
     async def connect():
         return _FakeUpstream(run)

@@ -70,6 +70,13 @@ def test_example_config_is_complete_apart_from_placeholders(tmp_path):
     ({"limits": {"login_timeout": 0}}, "limits.login_timeout"),
     ({"limits": {"login_timeout": "fast"}}, "limits.login_timeout"),
     ({"extra": 1}, "extra: unknown key"),
+    ({"limits": {"max_prelogin_connections": 0}}, "limits.max_prelogin_connections"),
+    ({"limits": {"max_connections": 50, "max_prelogin_connections": 60}}, "limits.max_prelogin_connections"),
+    ({"limits": {"prelogin_idle_timeout": 0.5}}, "limits.prelogin_idle_timeout"),
+    ({"admin": {"listen": "0.0.0.0:9090"}}, "admin.listen: 0.0.0.0:9090 is not a loopback address"),
+    ({"admin": {"listen": "0.0.0.0:9090", "token": "short"}}, "admin.token: the token must be at least 16"),
+    ({"admin": {"token": "0123456789abcdef0123"}}, "admin.token: there is no admin.listen"),
+    ({"admin": {"listen": "127.0.0.1:9090", "token_file": "missing"}}, "admin.token_file"),
 ])
 def test_errors_name_the_key(patch, key, tmp_path):
     data = {**BASE, **patch}
@@ -279,3 +286,13 @@ def test_pop3_from_the_environment(tmp_path):
     from proxy.config import apply_env_overrides
     data = apply_env_overrides(BASE, {"PROXY_POP3_LISTEN": "127.0.0.1:2110"})
     assert str(parse(data, tmp_path).pop3.listen) == "127.0.0.1:2110"
+
+
+def test_limits_and_admin_token(tmp_path):
+    config = parse(BASE, tmp_path)
+    assert (config.limits.max_prelogin_connections, config.limits.prelogin_idle_timeout) == (100, 10)
+    assert parse({**BASE, "limits": {"max_connections": 20}}).limits.max_prelogin_connections == 20
+    (tmp_path / "admin-token").write_text("0123456789abcdef-from-a-file\n")
+    admin = parse({**BASE, "admin": {"listen": "0.0.0.0:9090", "token_file": "admin-token"}}, tmp_path).admin
+    assert admin.token == "0123456789abcdef-from-a-file" and "from-a-file" not in repr(admin)
+    assert parse({**BASE, "admin": {"listen": "127.0.0.1:9090"}}).admin.token is None

@@ -129,6 +129,24 @@ def test_smtp_endless_line_keeps_memory_bounded() -> None:
     assert codes(run) == [220, 250, 500, 250]
 
 
+def test_smtp_lines_before_auth_are_bounded_to_4_kib() -> None:
+    """Before AUTH nothing needs long lines: a client that has not logged in made the proxy buffer
+    up to 256 KiB per connection (issue 12). Now 4 KiB; after AUTH the 256 KiB limit applies."""
+    from proxy.smtp.session import PRELOGIN_LINE_LIMIT
+
+    chunk = b"X" * 4096
+    run = run_smtp([b"EHLO c\r\n", *[chunk] * 64, b"\r\n", b"NOOP " + b"n" * 300 + b"\r\n"],
+                   line_limit=ProxySMTP.line_length_limit)
+    assert PRELOGIN_LINE_LIMIT == 4096
+    assert run.max_buffered <= 2 * PRELOGIN_LINE_LIMIT + len(chunk)
+    assert codes(run) == [220, 250, 500, 250]
+    plain = b64(f"\0{SMTP_USER}\0{SMTP_PASSWORD}".encode())
+    run = run_smtp([b"EHLO c\r\nAUTH PLAIN " + plain + b"\r\n", *[chunk] * 16, b"\r\n", b"NOOP\r\n"],
+                   line_limit=ProxySMTP.line_length_limit)
+    assert codes(run) == [220, 250, 235, 500, 250]
+    assert run.max_buffered > 2 * PRELOGIN_LINE_LIMIT + len(chunk)   # the login raised the limit
+
+
 def test_smtp_endless_data_line_keeps_memory_bounded() -> None:
     plain = b64(f"\0{SMTP_USER}\0{SMTP_PASSWORD}".encode())
     chunk = b"Y" * 65536

@@ -205,15 +205,17 @@ def test_access_token_longer_than_4096_characters(smtp_proxy, sink, idp_reset) -
 
 def test_connection_limit_and_login_deadline(smtp_proxy, smtp_config) -> None:
     proxy = smtp_proxy(replace(smtp_config, limits=replace(smtp_config.limits, max_connections=1,
-                                                           preauth_timeout=1)))
+                                                           preauth_timeout=3)))
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as first:
-        replies = first.makefile("rb")
-        assert replies.readline().startswith(b"220 ")
+        assert first.makefile("rb").readline().startswith(b"220 ")
+        time.sleep(1.1)                                     # idle for more than a second (see proxy/admission.py)
         with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as second:
-            assert second.makefile("rb").readline().startswith(b"421 4.7.0 Too many connections")
-        started = time.monotonic()
-        assert replies.readline() == b"421 4.4.2 No authentication within the time allowed; closing\r\n"
-        assert replies.readline() == b"" and time.monotonic() - started < 2
+            replies = second.makefile("rb")
+            assert replies.readline().startswith(b"220 ")  # the new one is taken, the oldest idle one dropped
+            assert first.makefile("rb").readline().startswith(b"421 4.7.0 Too many connections waiting to log in")
+            started = time.monotonic()
+            assert replies.readline() == b"421 4.4.2 No authentication within the time allowed; closing\r\n"
+            assert replies.readline() == b"" and time.monotonic() - started < 4
 
 
 # ------------------------------------------------------------------ `proxy serve` and its log

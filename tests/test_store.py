@@ -59,6 +59,16 @@ def test_wrong_password_changes_nothing(store):
     assert store.path_for("alice@firm.de").read_bytes() == before
 
 
+def test_a_file_copied_to_another_accounts_name_does_not_open_there(store):
+    """The header's account is authenticated against edits, and now also compared with the account
+    opening the file: a copy under another name is refused before any password is tried."""
+    write(store)
+    store.path_for("bob@firm.de").write_bytes(store.path_for("alice@firm.de").read_bytes())
+    with pytest.raises(StoreError, match="belongs to 'Alice@Firm.de', not bob@firm.de"):
+        store.read_file("bob@firm.de")
+    assert store.read_file("ALICE@FIRM.DE").meta == {"state": "ok"}
+
+
 def test_tampered_metadata_or_kdf_is_detected(store):
     write(store)
     path = store.path_for("alice@firm.de")

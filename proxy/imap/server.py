@@ -29,6 +29,8 @@ class ImapProxy(CoreFront):
     busy_reply = b"* BYE Too many connections to the proxy, try again later\r\n"
     shutdown_reply = b"* BYE The proxy is shutting down; please reconnect later\r\n"
     timeout_reply = b"* BYE No login within the time allowed\r\n"
+    evicted_reply = b"* BYE Too many connections waiting to log in; closing the oldest idle one\r\n"
+    idle_reply = b"* BYE No command within %d s\r\n"
 
     @property
     def settings(self) -> ListenerConfig:

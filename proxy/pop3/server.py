@@ -34,6 +34,8 @@ class Pop3Proxy(CoreFront):
     busy_reply = b"-ERR [SYS/TEMP] Too many connections to the proxy, try again later\r\n"
     shutdown_reply = b"-ERR [SYS/TEMP] The proxy is shutting down; please reconnect later\r\n"
     timeout_reply = b"-ERR No login within the time allowed\r\n"
+    evicted_reply = b"-ERR [SYS/TEMP] Too many connections waiting to log in; closing the oldest idle one\r\n"
+    idle_reply = b"-ERR No command within %d s\r\n"
 
     def __init__(self, config: Config, *args, **kwargs):
         if config.pop3 is None:

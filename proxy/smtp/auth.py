@@ -93,13 +93,15 @@ class SaslAuthMixin:
     async def _log_in(self, username: str, password: str) -> AuthResult:
         proxy = self.proxy
         started = time.monotonic()
+        self._reset_timeout(self._command_timeout)  # the login has its own deadline, longer than the idle one
         try:
             conn, _, account = await login(proxy.broker, proxy.throttle, proxy.login_upstream, username=username,
-                                     password=password, source=self.peer.rsplit(":", 1)[0],
-                                     timeout=proxy.config.limits.login_timeout, protocol="smtp")
+                                           password=password, source=self.peer.rsplit(":", 1)[0],
+                                           timeout=proxy.config.limits.login_timeout, protocol="smtp",
+                                           slot=self.slot)
         except LoginFailed as failure:
+            self._reset_timeout()  # idle again
             return _refused(login_failure_reply(failure))
-        proxy.throttle.succeeded(username.casefold())
         duration = time.monotonic() - started
         log_event(log, "smtp %s login %s ok (%.0f ms)", self.peer, username, duration * 1000, event="login",
                   protocol="smtp", peer=self.peer, account=username, result="ok", duration_s=round(duration, 3))

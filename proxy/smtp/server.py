@@ -18,6 +18,7 @@ import socket
 import ssl
 from dataclasses import dataclass
 
+from ..admission import Admission
 from ..config import Config
 from ..listeners import Listeners
 from ..login import Upstream
@@ -64,9 +65,10 @@ class SmtpProxy(Listeners):
         self.upstream_tls = upstream_tls
         self.server_tls = server_tls  # for smtp.tls_listen and STARTTLS
         self.sessions: set[ProxySMTP] = set()
-        # Made by the listener but not connected yet: asyncio accepts a burst of connections and
-        # makes all their protocols before any is connected, so these count towards the limit too.
-        self._starting: set[ProxySMTP] = set()
+        # Every connection takes its slot when its protocol is made (asyncio accepts a burst of
+        # connections and makes all their protocols before any is connected).
+        self.admission = Admission()
+        self._log = log
         self.draining = False
 
         async def connect() -> upstream.Connection:
@@ -102,17 +104,17 @@ class SmtpProxy(Listeners):
             self.extensions.refresh()
 
     def _protocol(self, tls: bool = False) -> asyncio.Protocol:
-        if len(self.sessions) + len(self._starting) >= self.config.limits.max_connections:
+        slot = self._admit()
+        if slot is None:
             return _Refuse()
-        session = ProxySMTP(self, implicit_tls=tls)
-        self._starting.add(session)  # until register(), or the TLS handshake's deadline has passed
-        asyncio.get_running_loop().call_later(35.0, self._starting.discard, session)
+        session = ProxySMTP(self, implicit_tls=tls, slot=slot)
+        # A connection that never comes up (a failed TLS handshake on the SMTPS listener) gives its slot back.
+        asyncio.get_running_loop().call_later(35.0, session.release_if_unopened)
         return session
 
     def register(self, session: ProxySMTP) -> None:
         """A session's connection is up (after the TLS handshake on the SMTPS listener: a failed
         handshake never makes a session)."""
-        self._starting.discard(session)
         self.sessions.add(session)
         session.closed.add_done_callback(lambda _: self.sessions.discard(session))
 

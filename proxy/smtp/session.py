@@ -34,8 +34,10 @@ from typing import TYPE_CHECKING, Awaitable
 
 from aiosmtpd.smtp import SMTP, Envelope, syntax
 
+from ..admission import Slot
 from ..config import STARTTLS_OFF, STARTTLS_REQUIRED
 from ..hints import send_as_hint
+from ..listeners import unread_input
 from ..login import LoginFailed, UpstreamError, relogin, upstream_user
 from ..logs import log_event
 from ..metrics import METRICS, TO_SERVER
@@ -62,6 +64,10 @@ LONE_DOT_REFUSED = ("550 5.6.0 Message not sent: it has a bare CR or LF followed
                     "server could take for the end of the message; use CRLF line ends")
 _LINE_LIMIT = 256 * 1024  # longest command or message line accepted (RFC 5321 says 1,000; clients exceed it)
 _MAIL_FROM = re.compile(r"FROM:\s*<([^>]*)>", re.IGNORECASE)
+_EVICTED = b"421 4.7.0 Too many connections waiting to log in; closing the oldest idle one\r\n"
+# Before AUTH only EHLO, AUTH, NOOP, RSET, QUIT and STARTTLS work; none needs more (credentials are
+# at most 4 KiB decoded): a client that has not logged in cannot make the proxy buffer more.
+PRELOGIN_LINE_LIMIT = 4096
 
 
 def _has_lone_dot(content: bytes) -> bool:
@@ -82,7 +88,7 @@ class _Hooks:
 class ProxySMTP(SaslAuthMixin, SMTP):
     line_length_limit = _LINE_LIMIT
 
-    def __init__(self, proxy: SmtpProxy, implicit_tls: bool = False):
+    def __init__(self, proxy: SmtpProxy, implicit_tls: bool = False, slot: Slot | None = None):
         # STARTTLS (aiosmtpd's) on the plain listener if configured; "required": no AUTH before it.
         starttls = STARTTLS_OFF if implicit_tls or proxy.server_tls is None else proxy.config.smtp.starttls
         super().__init__(_Hooks(), hostname=proxy.hostname, ident="oauth2-mail-proxy ESMTP",
@@ -110,12 +116,28 @@ class ProxySMTP(SaslAuthMixin, SMTP):
         self._started = time.monotonic()
         self._preauth: asyncio.TimerHandle | None = None
         self.closed: asyncio.Future = self.loop.create_future()
+        # Before login aiosmtpd's per-command timer is the pre-login idle timeout (a login itself gets
+        # the full command timeout); after it, the normal command timeout.
+        self._command_timeout = self._timeout_duration
+        self._timeout_duration = proxy.config.limits.prelogin_idle_timeout
+        self.slot = slot
+        self._evicted = False
+        if slot is not None:
+            slot.on_evict = self._evict
+            slot.has_input = self._has_input
 
     # -- connection ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)  # (aiosmtpd calls this again after STARTTLS)
         if not self._opened:
             self._opened = True
+            self._reader._limit = PRELOGIN_LINE_LIMIT  # (asyncio.StreamReader's; raised after login)
+            if self._evicted:  # dropped for a newer connection before this one was even up
+                self._handler_coroutine.cancel()  # (no greeting)
+                self.closed.set_result(None)      # (never counted as a session)
+                transport.write(_EVICTED)
+                transport.close()
+                return
             self.proxy.register(self)
             self._preauth = self.loop.call_later(self.proxy.config.limits.preauth_timeout, self._preauth_expired)
             METRICS.session_opened("smtp")
@@ -123,7 +145,10 @@ class ProxySMTP(SaslAuthMixin, SMTP):
                       event="session_start", protocol="smtp", peer=self.peer, tls=self.implicit_tls)
 
     def connection_lost(self, error: Exception | None) -> None:
-        super().connection_lost(error)
+        super().connection_lost(error)  # (cancels a running command: a failure delay keeps the slot itself)
+        self.proxy.untrack_session(self)
+        if self.slot is not None:
+            self.slot.release()
         if self._preauth is not None:
             self._preauth.cancel()
         self._drop_upstream()
@@ -164,9 +189,39 @@ class ProxySMTP(SaslAuthMixin, SMTP):
         peer = self.session.peer if self.session is not None else None
         return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?"
 
+    def _has_input(self) -> bool:
+        """A command from the client not handled yet (a partial line, a byte at a time, is not one)."""
+        reader = getattr(self, "_reader", None)  # (aiosmtpd's StreamReader, once connected)
+        return unread_input(self.transport) or (reader is not None and b"\n" in reader._buffer)
+
+    def release_if_unopened(self) -> None:
+        if not self._opened and self.slot is not None:
+            self.slot.release()
+
+    def _evict(self) -> None:
+        """Dropped to make room for a newer connection (the pre-login budget is full)."""
+        self._evicted = True
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(_EVICTED)
+            self.transport.close()
+
+    def _timeout_cb(self) -> None:
+        """aiosmtpd's command timer ran out: before login that is the pre-login idle timeout."""
+        if self.transport is not None and not self.session.authenticated and not self.transport.is_closing():
+            self.transport.write(b"421 4.4.2 No command within %d s; closing\r\n" % self._timeout_duration)
+        super()._timeout_cb()
+
     def _preauth_expired(self) -> None:
         if self.transport is not None and not self.session.authenticated:
             self.transport.write(b"421 4.4.2 No authentication within the time allowed; closing\r\n")
+            self.transport.close()
+
+    def end_session(self, reason: str) -> None:
+        """The account may not use the proxy any more (removed from the config, tokens deleted): 421
+        and close, also in the middle of a message (which then gets no 250: nothing is lost)."""
+        log.info("smtp %s: closing the session of %s: %s", self.peer, self.user, reason)
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(f"421 4.7.0 {one_line(reason)}; closing\r\n".encode("ascii", "replace"))
             self.transport.close()
 
     def shutdown(self) -> None:
@@ -186,6 +241,8 @@ class ProxySMTP(SaslAuthMixin, SMTP):
         malformed command (a bare CR, a NUL, an escape sequence) in its own 500 replies."""
         data = status.encode("utf-8", "replace") if isinstance(status, str) else bytes(status)
         await super().push(b"\r\n".join(_UNPRINTABLE.sub(b"?", line) for line in data.split(b"\r\n")))
+        if self.slot is not None:
+            self.slot.waiting()  # answered: from now on it waits for the client (see proxy/admission.py)
 
     async def check_auth_needed(self, caller_method: str) -> bool:
         if not self.session.authenticated:
@@ -197,6 +254,9 @@ class ProxySMTP(SaslAuthMixin, SMTP):
         """Called by the AUTH mechanisms after a successful login."""
         if self._preauth is not None:
             self._preauth.cancel()
+        self._timeout_duration = self._command_timeout
+        self._reader._limit = self.line_length_limit
+        self.proxy.track_session(self, account.account, self.end_session)
         self.user, self.account = username, account
         self._adopt(conn)
 

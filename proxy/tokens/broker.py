@@ -50,6 +50,7 @@ STORE_RETRY = 1.0
 # (a database restart or a dropped connection is shorter; with Microsoft's tokens the refresh margin
 # of five minutes lets the lease be retried long before any token runs out).
 UNLEASED_AFTER = 5.0
+_MAX_WRONG = 4096  # wrong passwords remembered per account (as keyed HMACs), for the current file
 
 
 @dataclass(eq=False)
@@ -73,7 +74,6 @@ class AccountState:
     """What the broker knows about one token owner (``account`` is the owner, with its flow)."""
 
     account: AccountConfig
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     verifier: bytes | None = field(default=None, repr=False)
     key: Key | None = field(default=None, repr=False)
     stamp: Stamp | None = None  # what the store's peek() said of the record loaded (changes at every write)
@@ -98,15 +98,31 @@ class AccountState:
     dead: str | None = None  # reason the refresh token is unusable (needs `proxy authorize`)
     refreshing: asyncio.Task | None = None
     refresher: asyncio.Task | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # loading and following a record
     lease: Lease | None = field(default=None, repr=False)  # held while this process refreshes
     unsaved: str | None = None  # status of tokens refreshed while the store was unreachable: save later
     following: asyncio.Task | None = field(default=None, repr=False)
+    # password checks before the password is known: in flight (by verifier), and found wrong
+    checks: dict[bytes, _Check] = field(default_factory=dict, repr=False)
+    checkers: list[asyncio.Task | None] = field(default_factory=lambda: [None, None], repr=False)
+    wrong: set[bytes] = field(default_factory=set, repr=False)
+    wrong_stamp: Stamp | None = None
 
     def usable_token(self, now: float) -> str | None:
         """The current token if it stays valid long enough to complete a login."""
         if self.access_token and policy.usable(self.expires_at, self.lifetime, now):
             return self.access_token
         return None
+
+
+@dataclass(eq=False)
+class _Check:
+    """One password check waiting or running; every login with that password waits for its result."""
+
+    result: asyncio.Future
+    password: str = field(repr=False)
+    waiters: int = 0
+    started: bool = False  # its derivation began (then it runs to the end, and its result is kept)
 
 
 class TokenBroker:
@@ -126,10 +142,29 @@ class TokenBroker:
         self.lease_seconds = max(15.0, 3 * config.identity.timeout)
         self._watcher: asyncio.Task | None = None
         store.watch(self._store_changed)
+        # Called with a token owner's name when its tokens were deleted (`proxy forget`, `proxy
+        # revoke`, found when following the store): the fronts close its sessions.
+        self.on_owner_gone: Callable[[str], None] | None = None
 
     # -- public API ---------------------------------------------------------------------
     async def authenticate(self, username: str, password: str) -> LoginGrant:
-        """Check a local login (against the token owner's file); raises LoginRefused or TokenError."""
+        """Check a local login (against the token owner's file); raises LoginRefused or TokenError.
+
+        Once an account's password is known (after its first login in this process) every check
+        is one keyed HMAC, answered at once. Before that a password can only be checked by
+        deriving the file key (scrypt, slow on purpose), so under guessing:
+
+        - logins with the same password share one check (N connections, one derivation);
+        - a password found wrong is remembered (as a keyed HMAC, for this version of the file),
+          so repeating it costs nothing;
+        - two derivations per account run at a time, one taking the newest waiting password
+          next, the other the oldest (:meth:`_checker`): the real user's login is next in one of
+          them whether guessers wait for their answers (they queue up old guesses) or hang up
+          and come back with new ones (theirs are dropped: see next);
+        - a check nobody waits for any more (the client timed out or hung up) is dropped before
+          it starts, and once the right password is found every login still waiting is
+          answered by comparison at once.
+        """
         login_account = self.config.account(username)
         if login_account is None:
             raise LoginRefused("unknown user or wrong password")
@@ -139,20 +174,86 @@ class TokenBroker:
             state = self._states[account.key] = AccountState(account)
         grant = LoginGrant(login_account, state)
         verifier = hmac.new(self._pepper, password.encode("utf-8"), hashlib.sha256).digest()
-        async with state.lock:
-            try:
-                stamp = self.store.peek(account.username)
-            except StoreError as exc:
-                raise TokenError(str(exc)) from None
-            if stamp is None:
-                raise TokenError(f"{account.username} is not authorized yet: run `proxy authorize "
-                                 f"{account.username}`", reauthorize=True)
-            if state.verifier is not None and stamp == state.stamp:
-                if hmac.compare_digest(state.verifier, verifier):
-                    return grant
-                raise LoginRefused("unknown user or wrong password")
-            await self._load(state, password, verifier)
+        stamp = self._file_stamp(account.username)
+        if state.verifier is not None and stamp == state.stamp:
+            if hmac.compare_digest(state.verifier, verifier):
+                return grant
+            raise LoginRefused("unknown user or wrong password")
+        if state.wrong_stamp == stamp and verifier in state.wrong:
+            raise LoginRefused("unknown user or wrong password")
+        check = state.checks.get(verifier)
+        if check is None:
+            check = state.checks[verifier] = _Check(asyncio.get_running_loop().create_future(), password)
+            check.result.add_done_callback(_consume_exception)
+            for lane, newest in enumerate((True, False)):
+                if state.checkers[lane] is None or state.checkers[lane].done():
+                    state.checkers[lane] = asyncio.get_running_loop().create_task(self._checker(state, newest))
+        check.waiters += 1
+        try:
+            right = await asyncio.shield(check.result)
+        finally:
+            check.waiters -= 1
+            if check.waiters == 0 and not check.started and state.checks.get(verifier) is check:
+                del state.checks[verifier]  # nobody waits for it (timed out, hung up): never derived
+                check.result.cancel()
+        if not right:
+            raise LoginRefused("unknown user or wrong password")
         return grant
+
+    def _file_stamp(self, owner: str) -> Stamp:
+        """What the store says of the owner's record now (changes at every write)."""
+        try:
+            stamp = self.store.peek(owner)
+        except StoreError as exc:
+            raise TokenError(str(exc)) from None
+        if stamp is None:
+            raise TokenError(f"{owner} is not authorized yet: run `proxy authorize {owner}`", reauthorize=True)
+        return stamp
+
+    async def _checker(self, state: AccountState, newest: bool) -> None:
+        """Run an account's waiting password checks one at a time, the newest (or the oldest) first.
+
+        Two of these run per account. Guessers that wait for their answers keep old guesses
+        queued: the real user's login, newer, is the newest lane's next. Guessers that hang up
+        and come back with new passwords keep adding newer ones, but theirs are dropped when
+        they hang up: the real user's soon becomes the oldest lane's next.
+        """
+        while True:
+            waiting = [(v, c) for v, c in state.checks.items() if not c.started]
+            if not waiting:
+                return
+            verifier, check = waiting[-1] if newest else waiting[0]
+            check.started = True
+            try:
+                right = await self._check(state, check.password, verifier)
+            except Exception as exc:  # TokenError, or a bug: every waiter gets it
+                if not check.result.done():
+                    check.result.set_exception(exc)
+            else:
+                if not check.result.done():
+                    check.result.set_result(right)
+            finally:
+                check.password = ""
+                if state.checks.get(verifier) is check:
+                    del state.checks[verifier]
+
+    async def _check(self, state: AccountState, password: str, verifier: bytes) -> bool:
+        """Whether ``password`` opens the owner's token file (loading it if so)."""
+        stamp = self._file_stamp(state.account.username)
+        if state.verifier is not None and stamp == state.stamp:  # found meanwhile: compare
+            return hmac.compare_digest(state.verifier, verifier)
+        if state.wrong_stamp == stamp and verifier in state.wrong:
+            return False
+        try:
+            await self._load(state, password, verifier)
+        except LoginRefused:
+            if state.wrong_stamp != stamp:
+                state.wrong_stamp, state.wrong = stamp, set()
+            if len(state.wrong) >= _MAX_WRONG:
+                state.wrong.clear()
+            state.wrong.add(verifier)
+            return False
+        return True
 
     async def access_token(self, grant: LoginGrant, timeout: float) -> str:
         """An access token for a login, within ``timeout`` seconds or TokenError.
@@ -252,12 +353,29 @@ class TokenBroker:
             if state.refresher is not None:
                 state.refresher.cancel()
 
+    def _forget_owner(self, state: AccountState) -> None:
+        """The owner's stored tokens were deleted (`proxy forget` or `proxy revoke`, maybe by another
+        process): its key and tokens leave memory, its waiting password checks end, and
+        :attr:`on_owner_gone` closes the sessions that used them."""
+        name = state.account.username
+        for task in (state.refreshing, *state.checkers):
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
+        state.cache = None
+        self._drop(state, f"the stored tokens of {name} were deleted; run `proxy authorize {name}`")
+        log.info("account %s: stored tokens deleted; they are forgotten here and its sessions closed", name)
+        if self.on_owner_gone is not None:
+            try:
+                self.on_owner_gone(name)
+            except Exception:  # closing sessions must not break the broker
+                log.exception("closing the sessions of %s failed", name)
+
     async def close(self) -> None:
         self._closed = True
         if self._watcher is not None:
             self._watcher.cancel()
         for state in self._states.values():
-            for task in (state.refresher, state.refreshing, state.following):
+            for task in (state.refresher, state.refreshing, state.following, *state.checkers):
                 if task is not None:
                     task.cancel()
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -279,8 +397,9 @@ class TokenBroker:
             raise TokenError(str(exc)) from None
         except StoreError as exc:
             raise TokenError(str(exc), reauthorize=True) from None
-        state.key, state.verifier = key, verifier
-        self._apply(state, sealed, payload)
+        async with state.lock:  # (not during the derivation: two password checks may run at once)
+            state.key, state.verifier = key, verifier
+            self._apply(state, sealed, payload)
         log.info("account %s unlocked (token valid for %.0f s)", name, max(0.0, state.expires_at - self.clock()))
         if state.refresher is None or state.refresher.done():
             state.refresher = asyncio.get_running_loop().create_task(self._keep_fresh(state))
@@ -346,8 +465,7 @@ class TokenBroker:
             try:
                 sealed = await self.store.read(name)
             except NoTokens:
-                log.info("account %s: stored tokens deleted; no longer refreshing", name)
-                self._drop(state, f"the stored tokens of {name} were deleted; run `proxy authorize {name}`")
+                self._forget_owner(state)
                 return
             except StoreError as exc:
                 log.debug("account %s: cannot read the changed record yet (%s)", name, exc)

@@ -19,6 +19,7 @@ import asyncio
 import json
 import logging
 import os
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -54,6 +55,51 @@ class FolderStore(TokenStore):
 
     def where(self, account: str) -> str:
         return str(self.path_for(account))
+
+    def check_private(self) -> None:
+        """Refuse a token folder or file another user could tamper with (POSIX; raises StoreError).
+
+        A folder writable by others (or owned by another user) lets them replace, delete or
+        plant token files; a file readable or writable by others, or owned by another user,
+        exposes or swaps sealed tokens. On Windows the folder's ACL decides: see docs/security.md.
+        """
+        if os.name == "nt":
+            return
+        problems = []
+        uid = os.geteuid()
+        try:
+            st = self.directory.stat()
+        except FileNotFoundError:
+            return  # created 0700 at the first write
+        except OSError as exc:
+            raise StoreError(f"token folder {self.directory}: cannot check it ({exc.strerror})") from None
+        if st.st_uid != uid:
+            problems.append(f"the token folder {self.directory} belongs to user id {st.st_uid}, not to the user "
+                            f"running the proxy (id {uid})")
+        if st.st_mode & 0o022:
+            problems.append(f"the token folder {self.directory} is writable by other users "
+                            f"(mode {stat.S_IMODE(st.st_mode):04o}; `chmod 700 {self.directory}`)")
+        try:
+            files = sorted(self.directory.glob("*.tokens"))
+        except OSError:
+            files = []
+        for path in files:
+            try:
+                st = path.lstat()
+            except OSError:
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                continue  # (a link or a folder in the way: only we can put it in our folder; that
+                #            account's logins say what is wrong with it)
+            if st.st_uid != uid:
+                problems.append(f"the token file {path} belongs to user id {st.st_uid}, not {uid}")
+            elif st.st_mode & 0o077:
+                problems.append(f"the token file {path} is open to other users "
+                                f"(mode {stat.S_IMODE(st.st_mode):04o}; `chmod 600 {path}`)")
+        if problems:
+            raise StoreError("; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5
+                                                        else "") + ". Other users could read or replace the "
+                             "tokens: fix the ownership and permissions (or point tokens.path to a private folder)")
 
     def path_for(self, account: str) -> Path:
         """File name for an account: readable, case-folded, safe on Windows and POSIX."""

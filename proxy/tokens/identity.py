@@ -222,6 +222,15 @@ def cached_home_account_id(cache: msal.TokenCache) -> str | None:
     return accounts[0].get("home_account_id") if accounts else None
 
 
+def signed_in_identity(result: dict[str, Any]) -> tuple[str | None, str | None]:
+    """Who signed in, from msal's result of a sign-in: the id token's ``preferred_username`` and
+    ``oid`` (msal has already checked the id token's issuer, audience, nonce and lifetime)."""
+    claims = result.get("id_token_claims") or {}
+    username, oid = claims.get("preferred_username"), claims.get("oid")
+    return (username if isinstance(username, str) and username else None,
+            oid if isinstance(oid, str) and oid else None)
+
+
 # ------------------------------------------------------------------------------ sign-in flows
 def begin_browser_sign_in(app: msal.ClientApplication, identity: IdentityConfig, redirect_uri: str,
                           login_hint: str) -> dict[str, Any]:

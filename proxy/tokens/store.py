@@ -163,6 +163,10 @@ class TokenStore(abc.ABC):
         """Seconds since the store became unreachable (0 while it can be reached)."""
         return 0.0
 
+    def check_private(self) -> None:
+        """Refuse a store other local users could tamper with (raises StoreError). The folder
+        engine checks owners and modes; a database relies on its own access control."""
+
     async def open(self, *, watch: bool = False) -> None:
         """Prepare the store for use (connect, create or migrate the table); ``watch``: also
         follow changes made by other processes (``proxy serve``)."""
@@ -283,6 +287,12 @@ def check_header(header: Any, where: str, account: str, noun: str = "token recor
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise StoreError(f"{where}: {noun} is corrupt ({exc.__class__.__name__}); "
                          f"run `proxy authorize {account}` again") from None
+    owner = header.get("account")
+    if not isinstance(owner, str) or owner.casefold() != account.casefold():
+        # The header is authenticated, but only against edits: a record copied to another
+        # account's name must not open there (with the other account's password and tokens).
+        raise StoreError(f"{where}: this {noun} belongs to {str(owner)[:100]!r}, not {account}; "
+                         f"run `proxy authorize {account}`")
     return header
 
 
