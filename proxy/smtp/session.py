@@ -131,7 +131,7 @@ class ProxySMTP(SaslAuthMixin, SMTP):
         super().connection_made(transport)  # (aiosmtpd calls this again after STARTTLS)
         if not self._opened:
             self._opened = True
-            self._reader._limit = PRELOGIN_LINE_LIMIT  # (asyncio.StreamReader's; raised after login)
+            self._reader._limit = min(PRELOGIN_LINE_LIMIT, self.line_length_limit)  # (asyncio.StreamReader's; raised after login)
             if self._evicted:  # dropped for a newer connection before this one was even up
                 self._handler_coroutine.cancel()  # (no greeting)
                 self.closed.set_result(None)      # (never counted as a session)
