@@ -17,6 +17,7 @@ import time
 import traceback
 
 from bench.bed import Bed
+from bench.bed import PROXY_NOFILE
 from bench.scenarios import OPTIONAL_SCENARIOS, SCENARIOS, Context, Row, Sizes, fill
 
 FULL = Sizes()
@@ -40,14 +41,14 @@ def _triple(values: list[float]) -> str:
 
 
 def table(rows: list[Row]) -> str:
-    header = ["benchmark", "unit", "direct min / median / max", "proxy min / median / max", "proxy÷direct",
-              "target", "result"]
+    header = ["figure", "unit", "direct min / median / max", "proxy min / median / max",
+              "emailproxy min / median / max", "proxy÷direct", "emailproxy÷direct", "target", "result"]
     lines = []
     for row in rows:
-        ratio = row.ratio
         result = {True: "PASS", False: "FAIL", None: ""}[row.passed]
-        lines.append([row.name, row.unit, _triple(row.direct), _triple(row.proxy),
-                      f"{ratio:.2f}" if ratio is not None else "", row.target, result])
+        ratios = [row.ratio_of(side) for side in ("proxy", "emailproxy")]
+        lines.append([row.name, row.unit, _triple(row.direct), _triple(row.proxy), _triple(row.emailproxy),
+                      *(f"{r:.2f}" if r is not None else "" for r in ratios), row.target, result])
     widths = [max(len(str(x)) for x in column) for column in zip(header, *lines)]
     out = [" | ".join(h.ljust(w) for h, w in zip(header, widths)),
            "-+-".join("-" * w for w in widths)]
@@ -67,6 +68,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, configs)")
+    parser.add_argument("--no-emailproxy", dest="emailproxy", action="store_false",
+                        help="leave out the second baseline, emailproxy (installed into bench/.venv-emailproxy)")
     parser.add_argument("--uvloop", action="store_true",
                         help="run the proxy on uvloop's event loop (pip install uvloop; not on Windows)")
     for f in dataclasses.fields(Sizes):
@@ -93,12 +96,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
     started = time.monotonic()
-    bed = Bed(max_sessions=max(sizes.idle, sizes.burst) + 100, keep=args.keep, log=log)
+    bed = Bed(max_sessions=max(sizes.idle, sizes.burst, sizes.tls_idle) + 100, keep=args.keep, log=log,
+              emailproxy=args.emailproxy)
     rows: list[Row] = []
     failed = None
     try:
         bed.start(uvloop=args.uvloop)
         ctx = Context(bed, sizes, log)
+        rows.append(fd_limit(ctx))
         fill(ctx)
         for name in chosen:
             try:
@@ -114,8 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     reduced = [f.name for f in dataclasses.fields(Sizes)
                if f.name not in ("runs", "idle_runs") and getattr(sizes, f.name) < getattr(FULL, f.name)]
     print(f"\noauth2-mail-proxy benchmark: {os.cpu_count()} cores, {platform.python_implementation()} "
-          f"{platform.python_version()}{', proxy on uvloop' if args.uvloop else ''}, {sizes.runs} runs per figure (idle: {sizes.idle_runs}); "
-          f"{time.monotonic() - started:.0f} s in all")
+          f"{platform.python_version()}{', proxy on uvloop' if args.uvloop else ''}, "
+          f"{sizes.runs} runs per figure (idle: {sizes.idle_runs}), interleaved; "
+          f"{time.monotonic() - started:.0f} s in all"
+          + (f"; emailproxy {bed.emailproxy_version}" if bed.emailproxy_version else ""))
     if reduced:
         print(f"reduced sizes ({', '.join(reduced)}): the issue's targets apply to the full sizes only")
     print()
@@ -123,8 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"sizes": dataclasses.asdict(sizes), "failed": failed,
+                       "emailproxy": bed.emailproxy_version or None,
                        "rows": [{"name": r.name, "unit": r.unit, "direct": r.direct, "proxy": r.proxy,
-                                 "ratio": r.ratio, "target": r.target, "passed": r.passed, "note": r.note}
+                                 "emailproxy": r.emailproxy, "ratio": r.ratio,
+                                 "emailproxy_ratio": r.ratio_of("emailproxy"), "target": r.target,
+                                 "passed": r.passed, "note": r.note}
                                 for r in rows]}, fh, indent=2)
     if failed:
         print(f"\nthe benchmark failed in: {failed}", file=sys.stderr)
@@ -133,6 +143,14 @@ def main(argv: list[str] | None = None) -> int:
     if missed:
         print(f"\ntargets missed: {'; '.join(missed)}")
     return 1 if args.check and missed else 0
+
+
+def fd_limit(ctx: Context) -> Row:
+    """``proxy serve`` was started at a soft open-file limit of 1,024: it must have raised it itself."""
+    soft, hard = PROXY_NOFILE
+    return Row(f"proxy open-file limit (started at soft {soft:,}, hard {hard:,})", "files",
+               proxy=[ctx.bed.proxy.open_file_limit()], target=f"raised to {hard:,}",
+               check=lambda r: min(r.proxy) >= hard)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ import json
 import os
 import resource
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -23,8 +22,11 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from tests.dovecot import Dovecot
-from tests.harness import ProxyProcess, authorize, free_port, pop3_section, wait_port, write_config
+from bench.emailproxy import EmailProxyProcess, install as install_emailproxy, version as emailproxy_version
+from tests.harness import ProxyProcess, authorize, free_port, pop3_section, end_process, wait_port, write_config
 from tests.pki import TestPKI
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,13 +84,7 @@ class IdpProcess:
         return self.control("mint_access_token", user=user, lifetime=lifetime, scope=scope)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        end_process(self.process)
 
 
 class SinkProcess:
@@ -153,18 +149,35 @@ service anvil {{
 }}
 default_client_limit = {login_clients}
 imap_idle_notify_interval = 30 mins
+submission_max_mail_size = 200M
 """
 
 
+#: The open-file limits ``proxy serve`` is started with: a common Linux default (soft 1,024) and
+#: this machine's hard limit; ``serve`` raises its soft limit to the hard one itself.
+PROXY_NOFILE = (1024, 20000)
+
+
 class ServeProcess(ProxyProcess):
-    """tests/harness.py's ProxyProcess (``python -m proxy serve``), optionally on uvloop's event loop."""
+    """tests/harness.py's ProxyProcess (``python -m proxy serve``), optionally on uvloop's event loop,
+    started with the open-file limits of :data:`PROXY_NOFILE` (through ``prlimit``)."""
 
     def __init__(self, config_path: Path, pki: TestPKI, *, log_level: str = "INFO", uvloop: bool = False):
         command: tuple[str, ...] = (sys.executable, "-m", "proxy")
         if uvloop:  # uvloop.install() before the CLI's asyncio.run(): the same proxy code on libuv's loop.
             command = (sys.executable, "-c",
                        "import sys, uvloop; uvloop.install(); from proxy.cli import main; sys.exit(main())")
+        if shutil.which("prlimit"):
+            command = ("prlimit", f"--nofile={PROXY_NOFILE[0]}:{PROXY_NOFILE[1]}", *command)
         super().__init__(config_path, pki, log_level=log_level, command=command)
+        settings = yaml.safe_load(config_path.read_text())["imap"]
+        self.imaps_port = int(settings["tls_listen"].rsplit(":", 1)[1]) if settings.get("tls_listen") else 0
+
+    def open_file_limit(self) -> int:
+        for line in Path(f"/proc/{self.pid}/limits").read_text().splitlines():
+            if line.startswith("Max open files"):
+                return int(line.split()[3])
+        raise RuntimeError("no open-file limit in /proc")
 
 
 @dataclass
@@ -176,8 +189,11 @@ class Account:
 class Bed:
     """Everything the benchmarks talk to. ``start()`` brings it up, ``stop()`` tears it down."""
 
-    def __init__(self, *, max_sessions: int = 6000, keep: bool = False, log=print):
+    def __init__(self, *, max_sessions: int = 6000, keep: bool = False, log=print, emailproxy: bool = True):
         self.max_sessions = max_sessions
+        self.with_emailproxy = emailproxy
+        self.emailproxy: EmailProxyProcess | None = None
+        self.emailproxy_version = ""
         self.keep = keep
         self.log = log
         self.workdir = Path(tempfile.mkdtemp(prefix="bench-"))
@@ -201,15 +217,26 @@ class Bed:
         self.dovecot = BenchDovecot(self.workdir / "dovecot", self.idp.pki, self.idp, self.sink.port,
                                     max_sessions=self.max_sessions)
         self.dovecot.start()
+        pki = self.idp.pki
         self.config_path = write_config(
-            self.workdir / "proxy", idp=self.idp, pki=self.idp.pki, dovecot=self.dovecot,
-            accounts=[self.account.user], pop3=pop3_section(self.dovecot, self.idp.pki),
+            self.workdir / "proxy", idp=self.idp, pki=pki, dovecot=self.dovecot,
+            accounts=[self.account.user], pop3=pop3_section(self.dovecot, pki),
+            tls={"cert_file": str(pki.cert_file), "key_file": str(pki.key_file)},
+            imap={"tls_listen": f"127.0.0.1:{free_port()}"},
             limits={"max_connections": self.max_sessions * 2 + 1000})
         result = authorize(self.config_path, self.account.user, self.account.password, self.idp.pki)
         if result.returncode != 0:
             raise RuntimeError(f"proxy authorize failed:\n{result.stderr}")
         self.start_proxy(uvloop)
         self.direct_token = self.idp.mint_access_token(self.account.user)
+        if self.with_emailproxy:
+            python = install_emailproxy(self.log)
+            self.emailproxy_version = emailproxy_version(python)
+            # emailproxy's password flow: the identity provider checks the user's password itself
+            self.idp.control("set_user_password", user=self.account.user, password=self.account.password)
+            self.emailproxy = EmailProxyProcess(self.workdir / "emailproxy", python, idp=self.idp,
+                                                dovecot=self.dovecot, user=self.account.user,
+                                                ca_file=self.idp.pki.ca_file)
         self.log(f"test bed up in {time.monotonic() - started:.1f} s (fd limit {self.fd_limit}, "
                  f"work dir {self.workdir})")
         return self
@@ -248,11 +275,19 @@ class Bed:
     def smtp_proxy(self) -> tuple[str, int]:
         return "127.0.0.1", self.proxy.smtp_port
 
+    @property
+    def imap_emailproxy(self) -> tuple[str, int]:
+        return "127.0.0.1", self.emailproxy.imap_port
+
+    @property
+    def smtp_emailproxy(self) -> tuple[str, int]:
+        return "127.0.0.1", self.emailproxy.smtp_port
+
     def client_tls(self) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=str(self.idp.pki.ca_file))
 
     def stop(self) -> None:
-        for part in (self.proxy, self.dovecot, self.sink, self.idp):
+        for part in (self.emailproxy, self.proxy, self.dovecot, self.sink, self.idp):
             if part is not None:
                 try:
                     part.stop()

@@ -33,10 +33,11 @@ class Target:
     user: str
     secret: str                       # the access token (direct) or the local password (proxy)
     tls: ssl.SSLContext | None = None
+    xoauth2: bool | None = None       # default: with TLS (direct to Dovecot)
 
     @property
     def login_command(self) -> bytes:
-        if self.tls is not None:
+        if self.xoauth2 or (self.xoauth2 is None and self.tls is not None):
             ir = base64.b64encode(f"user={self.user}\x01auth=Bearer {self.secret}\x01\x01".encode())
             return b"AUTHENTICATE XOAUTH2 " + ir
         return b"LOGIN " + quote(self.user) + b" " + quote(self.secret)

@@ -32,6 +32,7 @@ from .metrics import METRICS
 from .relay import WRITE_HIGH_WATER, Endpoint, pipe
 from .throttle import FailureThrottle
 from .tls import describe_tls_error
+from .tlsendpoint import start_tls
 from .tokens import TokenBroker
 
 
@@ -109,7 +110,7 @@ class CoreFront(Listeners):
     async def start(self) -> asyncio.AbstractServer:
         return await self._listen(self.log, self.name, self.settings, lambda: Endpoint(on_connect=self._accept),
                                   lambda: Endpoint(on_connect=lambda ep: self._accept(ep, tls=True)),
-                                  self.server_tls)
+                                  self.server_tls, refusal=self.busy_reply)
 
     def reconfigure(self, config: Config, upstream_tls: ssl.SSLContext) -> None:
         """Use ``config`` for new connections and logins; open sessions keep going."""
@@ -197,7 +198,10 @@ class CoreFront(Listeners):
                     conn, refusal = await self._login(client, core, event, peer, slot)
                     if conn is not None:
                         result = "logged in"
-                        await self._relay(client, conn, core, peer, account, started, tls)
+                        # Nothing of the login phase stays referenced for the session's lifetime:
+                        # not the pre-login core (~2 KiB per idle session), not the password.
+                        pending, core, event, events = core.take_pending(), None, None, []
+                        await self._relay(client, conn, pending, peer, account, started, tls)
                         return
                     events = refusal + events
                     last_command = time.monotonic()
@@ -217,11 +221,9 @@ class CoreFront(Listeners):
     async def _start_tls(self, client: Endpoint, deadline: float) -> bool:
         """The TLS handshake after STARTTLS; False if it failed (the connection is then closed)."""
         client.take_buffer()  # plaintext sent after STARTTLS could be injected: never parse it
-        loop = asyncio.get_running_loop()
         timeout = max(1.0, min(HANDSHAKE_TIMEOUT, deadline - time.monotonic()))
-        try:
-            transport = await loop.start_tls(client.transport, client, self.server_tls, server_side=True,
-                                             ssl_handshake_timeout=timeout)
+        try:  # TLS on memory BIOs: asyncio's start_tls costs 256 KiB per connection (tlsendpoint.py)
+            transport = await start_tls(client.transport, client, self.server_tls, timeout=timeout)
         except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError, RuntimeError) as exc:
             self.log.info("%s %s STARTTLS failed: %s", self.protocol, _peername(client), describe_tls_error(exc))
             return False
@@ -257,10 +259,10 @@ class CoreFront(Listeners):
         self.track_session(client, grant.account, close)
         return conn, []
 
-    async def _relay(self, client: Endpoint, conn: UpstreamConnection, core: Core, peer: str,
+    async def _relay(self, client: Endpoint, conn: UpstreamConnection, pending: bytes, peer: str,
                      account: str, started: float, tls: bool = False) -> None:
+        """``pending``: what the client sent after its login command, for the upstream."""
         server = conn.endpoint
-        pending = core.take_pending()
         client_base = client.bytes_received - len(pending) - len(client._buffer)
         server_base = server.bytes_received - len(server._buffer)
 

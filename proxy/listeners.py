@@ -1,5 +1,6 @@
 """The listeners of one protocol: the plain one (with STARTTLS if configured) and, if
-``tls_listen`` is set, one with implicit TLS (IMAPS, SMTPS). Shared by the IMAP and SMTP fronts."""
+``tls_listen`` is set, one with implicit TLS (IMAPS, SMTPS). Shared by the IMAP and SMTP fronts.
+They accept with :mod:`proxy.accept` (bounded by the open-file limit, never a log flood)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import ssl
 import time
 from collections.abc import Callable
 
+from .accept import Listener, listen
 from .admission import Admission, Slot
 from .config import STARTTLS_OFF, STARTTLS_REQUIRED, AccountConfig, Config, ListenerConfig
 
@@ -21,8 +23,8 @@ class Listeners:
     """Mixed into a front: ``server`` and ``tls_server``, opened by :meth:`_listen`, and the
     admission of new connections (:meth:`_admit`) under ``limits``."""
 
-    server: asyncio.AbstractServer | None = None
-    tls_server: asyncio.AbstractServer | None = None
+    server: Listener | None = None
+    tls_server: Listener | None = None
     config: Config
     admission: Admission
     _log: logging.Logger
@@ -74,15 +76,17 @@ class Listeners:
 
     async def _listen(self, log: logging.Logger, name: str, settings: ListenerConfig,
                       plain: Callable[[], asyncio.BaseProtocol], tls: Callable[[], asyncio.BaseProtocol],
-                      server_tls: ssl.SSLContext | None, upstream_note: str = "") -> asyncio.AbstractServer:
-        loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(plain, settings.listen.host, settings.listen.port, backlog=1024)
+                      server_tls: ssl.SSLContext | None, upstream_note: str = "", *,
+                      refusal: bytes = b"") -> Listener:
+        """``refusal``: the protocol's "too many connections" line, for connections refused when
+        the process is nearly out of file descriptors."""
+        self.server = await listen(name, settings.listen.host, settings.listen.port, plain, refusal=refusal)
         log.info("%s listening on %s%s, upstream %s%s", name, _socknames(self.server),
                  _STARTTLS_NOTES.get(settings.starttls, " (STARTTLS offered)"), settings.upstream, upstream_note)
         if settings.tls_listen is not None:
             address = settings.tls_listen
-            self.tls_server = await loop.create_server(tls, address.host, address.port, backlog=1024,
-                                                       ssl=server_tls, ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
+            self.tls_server = await listen(f"{name}S", address.host, address.port, tls, ssl=server_tls,
+                                           ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
             log.info("%sS (implicit TLS) listening on %s", name, _socknames(self.tls_server))
         return self.server
 
@@ -115,5 +119,5 @@ def unread_input(transport: asyncio.BaseTransport | None) -> bool:
         return False
 
 
-def _socknames(server: asyncio.AbstractServer) -> str:
+def _socknames(server: Listener) -> str:
     return ", ".join(f"{name[0]}:{name[1]}" for name in (s.getsockname() for s in server.sockets))

@@ -105,6 +105,11 @@ class Endpoint(asyncio.Protocol):
         return self.transport is None or self.transport.is_closing()
 
     @property
+    def writing_paused(self) -> bool:
+        """The transport's write buffer is above its high-water mark (see :meth:`drain`)."""
+        return self._write_paused
+
+    @property
     def at_eof(self) -> bool:
         return self._eof and not self._buffer
 

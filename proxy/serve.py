@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from .accept import raise_open_file_limit
 from .config import Config
 from .hardening import disable_core_dumps, exposed_secrets
 from .imap.server import ImapProxy
@@ -28,6 +29,7 @@ log = logging.getLogger("proxy")
 
 async def serve(config: Config, *, ready: asyncio.Event | None = None, stop: asyncio.Event | None = None) -> None:
     """Run the proxy until ``stop`` is set or SIGINT/SIGTERM arrives, then shut down gracefully."""
+    raise_open_file_limit()  # two descriptors per session: the usual soft limit of 1,024 caps it near 500
     hardened = disable_core_dumps()  # a crash must not write tokens to disk
     if hardened:
         log.info("process hardening: %s", ", ".join(hardened))

@@ -277,18 +277,41 @@ class _FakeUpstream:
         self.is_closed = False
 
     async def command(self, line: bytes, timeout):
+        self.send_command(line)
+        return await self.reply(timeout)
+
+    def send_command(self, line: bytes) -> None:
         from proxy.smtp.wire import Reply
 
         assert not re.search(rb"[\x00-\x1f\x7f]", line), line  # one clean command line upstream
         self.run.upstream_lines.append(line)
-        await asyncio.sleep(0)
-        return Reply(354, (b"Go ahead",)) if line.upper() == b"DATA" else Reply(250, (b"2.0.0 OK",))
+        self._replies = getattr(self, "_replies", [])
+        self._replies.append(Reply(354, (b"Go ahead",)) if line.upper() == b"DATA" else Reply(250, (b"2.0.0 OK",)))
 
-    async def send_message(self, content: bytes, timeout):
+    async def reply(self, timeout):
+        await asyncio.sleep(0)
+        assert self._replies, "a reply read before its command was sent"
+        return self._replies.pop(0)
+
+    backlogged = False
+    address = "fake.upstream:587"
+
+    def send_data(self, data: bytes) -> None:
+        assert not self.is_closed
+        self._payload = getattr(self, "_payload", b"") + data
+
+    async def drain_data(self, timeout) -> None:
+        await asyncio.sleep(0)
+
+    async def finish_message(self, timeout, data: bytes = b""):
         from proxy.smtp.wire import Reply
 
+        payload, self._payload = getattr(self, "_payload", b"") + data, b""
         # no dot after a bare CR or LF: a lenient server would end the message there
-        assert not re.search(rb"(?<!\r)\n\.|\r\.", content), content[:300]
+        assert not re.search(rb"(?<!\r)\n\.|\r\.", payload), payload[:300]
+        assert b"\r\n.\r\n" not in b"\r\n" + payload, payload[:300]  # no end of data before the final dot
+        # the receiver removes the first dot of every line that starts with one (RFC 5321 4.5.2)
+        content = re.sub(rb"(?m)(?<=\n)\.", b"", b"\n" + payload)[1:] if payload else b""
         self.run.messages.append(content)
         return Reply(250, (b"2.0.0 Queued",))
 

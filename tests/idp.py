@@ -3,7 +3,9 @@
 Real msal code runs against it: discovery, the authorization code flow with PKCE (a sign-in
 page, then a 302 or an auto-submitting form_post page), refresh with rotation (strict on request:
 a redeemed refresh token is revoked at once), the device code
-flow and client credentials. Dovecot's oauth2 passdb validates its access tokens at
+flow and client credentials. It also answers the resource owner password credentials grant
+(``grant_type=password``, which the benchmark's second baseline, emailproxy, uses) for users
+given a password with ``set_user_password``. Dovecot's oauth2 passdb validates its access tokens at
 ``/introspect``. Tests steer it with methods (lifetimes, revocation, faults, outages, counters),
 or from other processes with ``POST /_test/<method>`` and a JSON object of keyword arguments
 (``GET /_test/counters``).
@@ -52,7 +54,8 @@ _CONTROLS = {"reset", "reset_counters", "counters", "set_access_token_lifetime",
              "set_next_user", "deny_next", "revoke", "expire_access_tokens", "expire_refresh_tokens",
              "set_fault", "clear_faults", "mint_access_token", "approve_device", "decline_device",
              "allow_delegation", "register_client", "stop_for", "grant_admin_consent",
-             "set_strict_rotation", "refresh_log"}
+             "set_strict_rotation", "refresh_log",
+             "set_user_password"}
 
 # AADSTS code -> (OAuth error, description), as Microsoft words them.
 _AADSTS: dict[int, tuple[str, str]] = {
@@ -68,6 +71,7 @@ _AADSTS: dict[int, tuple[str, str]] = {
     50079: ("invalid_grant", "Due to a configuration change made by your administrator, or because you moved to a new "
                              "location, you must enroll in multi-factor authentication to access "
                              "'00000002-0000-0ff1-ce00-000000000000'."),
+    50126: ("invalid_grant", "Error validating credentials due to invalid username or password."),
     50194: ("invalid_request", "Application '{client}'(Mail proxy) is not configured as a multi-tenant application. "
                                "Usage of the /common endpoint is not supported for such applications created after "
                                "'10/15/2018'. Use a tenant-specific endpoint or configure the application to be "
@@ -226,6 +230,7 @@ class IdentityProvider:
         self._refresh: dict[str, _Token] = {}
         self._codes: dict[str, _AuthCode] = {}
         self._devices: dict[str, _DeviceCode] = {}     # by device_code
+        self._passwords: dict[str, str] = {}           # user (lower case) -> password, for grant_type=password
         self._counters: Counter[str] = Counter()
         self._faults: dict[str, _Fault] = {}
         self._spent_faults: list[_Fault] = []           # count-limited faults used up, maybe still hanging
@@ -470,6 +475,14 @@ class IdentityProvider:
     def decline_device(self, user_code: str) -> None:
         self._find_device(user_code).declined = True
 
+    def set_user_password(self, user: str, password: str | None) -> None:
+        """Let ``user`` sign in with ``password`` through the password grant (None: no longer)."""
+        with self._lock:
+            if password is None:
+                self._passwords.pop(user.lower(), None)
+            else:
+                self._passwords[user.lower()] = password
+
     def allow_delegation(self, owner: str, mailbox: str, allowed: bool = True) -> None:
         """Let ``owner``'s token open ``mailbox`` (answered at ``/delegation``)."""
         with self._lock:
@@ -646,6 +659,16 @@ class IdentityProvider:
                 device.redeemed = True
                 self._consent(device.user, client.client_id, device.scopes)
                 return self._user_tokens(device.user, client.client_id, device.scopes)
+            if grant == "password":
+                # Resource owner password credentials (Microsoft's "ROPC"): a public client needs
+                # "Allow public client flows"; a wrong password or an unknown user is AADSTS50126.
+                if client.secret is None and client.certificate is None and not client.public_flows:
+                    raise OAuthError(7000218)
+                user, password = form.get("username", ""), form.get("password", "")
+                known = self._passwords.get(user.lower())
+                if known is None or not hmac.compare_digest(known.encode(), password.encode()):
+                    raise OAuthError(50126)
+                return self._user_tokens(user, client.client_id, scopes)
             if grant == "client_credentials":
                 if client.secret is None and client.certificate is None:
                     raise OAuthError(7000218)

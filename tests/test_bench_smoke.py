@@ -13,39 +13,51 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Every row the table must have (by the start of its name), and whether it has a direct figure.
+# Every row the table must have (by the start of its name), whether it has a direct figure and
+# whether it has an emailproxy figure (the second baseline, installed by the benchmark itself).
 EXPECTED = [
-    ("FETCH 5 × 50 kB", True), ("proxy CPU during FETCH 5 × 50 kB", False),
-    ("FETCH 1 × 1 MB", True), ("proxy CPU during FETCH 1 × 1 MB", False),
-    ("LOGIN → OK, p50", True), ("LOGIN → OK, p99", True), ("connect → logged in, p50", True),
-    ("logins/s", True), ("proxy CPU during those logins", False),
-    ("burst of 10: greeted", True), ("burst of 10: logged in", True), ("burst of 10: until", True),
-    ("IDLE sessions held", True), ("proxy resident memory per IDLE session", False),
-    ("stalled reader: proxy CPU", False), ("stalled reader: proxy RSS growth", False),
-    ("stalled reader: proxy RSS above", False), ("stalled reader: bytes not yet read", False),
-    ("SMTP messages/s", True), ("SMTP 0.5 MB message", True),
-    ("POP3 RETR 5 × 50 kB", True), ("proxy CPU during POP3 RETR 5 × 50 kB", False),
+    ("proxy open-file limit", False, False),
+    ("FETCH 5 × 50 kB", True, True), ("proxy CPU during FETCH 5 × 50 kB", False, False),
+    ("FETCH 1 × 1 MB", True, True), ("proxy CPU during FETCH 1 × 1 MB", False, False),
+    ("LOGIN → OK, p50", True, True), ("LOGIN → OK, p99", True, True), ("connect → logged in, p50", True, True),
+    ("logins/s", True, True), ("proxy CPU during those logins", False, False),
+    ("burst of 10: greeted", True, True), ("burst of 10: logged in", True, True), ("burst of 10: until", True, True),
+    ("IDLE sessions held", True, True), ("resident memory per IDLE session", False, True),
+    ("IDLE sessions over IMAPS held", False, False), ("proxy memory per IDLE session, TLS on both sides", False, False),
+    ("stalled reader: CPU", False, True), ("stalled reader: RSS growth", False, True),
+    ("stalled reader: RSS above", False, True), ("stalled reader: bytes not yet read", False, True),
+    ("SMTP messages/s", True, True), ("SMTP 0.5 MB message", True, True), ("proxy peak RSS growth", False, False),
+    ("POP3 RETR 5 × 50 kB", True, False), ("proxy CPU during POP3 RETR 5 × 50 kB", False, False),
 ]
 
 
 def test_benchmark_smoke_run_prints_every_row(tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--json", str(out)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=240)
+                            capture_output=True, text=True, timeout=420)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "proxy÷direct" in result.stdout and "direct min / median / max" in result.stdout
+    assert "proxy÷direct" in result.stdout and "emailproxy÷direct" in result.stdout
+    assert data_version(out) and "direct min / median / max" in result.stdout
     data = json.loads(out.read_text())
     assert data["failed"] is None
     rows = [row for row in data["rows"]]
     names = [row["name"].strip() for row in rows]
     assert len(rows) == len(EXPECTED), names
-    for row, (prefix, has_direct) in zip(rows, EXPECTED):
+    for row, (prefix, has_direct, has_emailproxy) in zip(rows, EXPECTED):
         name = row["name"].strip()
         assert name.startswith(prefix), (name, prefix)
         assert name in result.stdout
         assert len(row["proxy"]) >= 1, name
         assert bool(row["direct"]) == has_direct, name
+        assert bool(row["emailproxy"]) == has_emailproxy, name
     by_name = {row["name"].strip(): row for row in rows}
     # Correctness, not speed: every client of the small burst and every idle session was served.
     assert min(by_name["burst of 10: logged in"]["proxy"]) == 10
     assert min(by_name["IDLE sessions held (of 20)"]["proxy"]) == 20
+    assert min(by_name["IDLE sessions over IMAPS held (of 10)"]["proxy"]) == 10
+    assert min(by_name["burst of 10: logged in"]["emailproxy"]) == 10  # the baseline really ran
+    assert by_name["proxy open-file limit (started at soft 1,024, hard 20,000)"]["proxy"] == [20000]
+
+
+def data_version(path: Path) -> str:
+    return json.loads(path.read_text())["emailproxy"] or ""

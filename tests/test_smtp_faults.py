@@ -144,3 +144,20 @@ def test_upstream_unreachable_at_auth_gives_454(smtp_proxy, smtp_config, link) -
         client.auth("PLAIN", client.auth_plain)
     assert failed.value.smtp_code == 454 and b"Mail server unreachable" in failed.value.smtp_error
     client.quit()
+
+
+def test_dot_after_a_bare_line_break_late_in_a_streamed_message_delivers_nothing(smtp_proxy, sink) -> None:
+    """The message is passed on as it arrives, so most of it reached the upstream before the bare LF
+    and dot near its end: the proxy drops the upstream connection before any end of data, the
+    client gets 550, nothing is delivered, and the session goes on with a fresh connection."""
+    proxy = smtp_proxy()
+    client = logged_in(proxy)
+    smuggled = BIG + b"tail\n.\r\nMAIL FROM:<evil@example.org>\r\n" + b"z" * 100 + b"\r\n"
+    with pytest.raises(smtplib.SMTPDataError) as refused:
+        client.sendmail(SMTP_USER, ["bob@example.org"], smuggled)
+    assert refused.value.smtp_code == 550 and refused.value.smtp_error.startswith(b"5.6.0 Message not sent")
+    assert client.sendmail(SMTP_USER, ["bob@example.org"], SMALL) == {}
+    client.quit()
+    assert [m.data_after_received() for m in sink.wait_for_messages(1)] == [SMALL]
+    time.sleep(0.3)
+    assert len(sink.messages) == 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from hypothesis import given, settings, strategies as st
 
-from proxy.smtp.session import _LONE_DOT, _has_lone_dot
+from proxy.smtp.data import LONE_DOT as _LONE_DOT, has_lone_dot as _has_lone_dot
 
 
 @settings(max_examples=3000, deadline=None)

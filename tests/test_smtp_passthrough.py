@@ -34,6 +34,8 @@ class FakeSubmission:
         self.connections = self.open = 0
         self.refuse_tokens = False
         self.close_at_next_mail = False
+        self.watch_pipelining = False
+        self.pipelined: list[bool] = []  # (with watch_pipelining) per MAIL: had the next command come already?
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(pki.cert_file, pki.key_file)
         self.loop = asyncio.new_event_loop()
@@ -79,6 +81,10 @@ class FakeSubmission:
                 self.close_at_next_mail = False
                 writer.write(b"421 4.4.2 fake.test idle too long, closing\r\n")
                 break
+            elif verb == b"MAIL" and self.watch_pipelining:
+                await asyncio.sleep(0.3)  # a proxy that waits for this reply sends nothing meanwhile
+                self.pipelined.append(b"\n" in reader._buffer)
+                writer.write(b"250 2.0.0 OK\r\n")
             elif verb == b"MAIL" and b"SIZE=2000000" in line:
                 writer.write(b"552 5.3.4 Message size exceeds fixed limit\r\n")
             elif verb in (b"MAIL", b"RCPT", b"RSET", b"NOOP"):
@@ -182,3 +188,23 @@ def test_client_going_away_ends_the_upstream_session(proxy, fake, during_a_trans
     assert fake.open == baseline - 1
     # A transaction in progress is aborted (no QUIT that could let the server act on it).
     assert (fake.commands[-1] == b"QUIT\r\n") is not during_a_transaction
+
+
+def test_pipelined_mail_and_rcpt_go_upstream_without_waiting_for_replies(proxy, fake) -> None:
+    """RFC 2920: the upstream offers PIPELINING, so a client's pipelined MAIL and RCPTs are passed
+    on at once; the replies come back to the client in order, then DATA goes as usual."""
+    fake.watch_pipelining = True
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as sock:
+        replies = sock.makefile("rb")
+        assert replies.readline().startswith(b"220 ")
+        command(sock, replies, b"EHLO client.test")
+        plain = base64.b64encode(f"\0{SMTP_USER}\0{SMTP_PASSWORD}".encode())
+        assert command(sock, replies, b"AUTH PLAIN " + plain)[0].startswith(b"235 ")
+        sock.sendall(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\nRCPT TO:<c@example.org>\r\nDATA\r\n")
+        assert [replies.readline()[:4] for _ in range(4)] == [b"250 ", b"250 ", b"250 ", b"354 "]
+        sock.sendall(b"Subject: pipelined\r\n\r\nhi\r\n.\r\nQUIT\r\n")
+        assert replies.readline() == b"250 2.0.0 Queued\r\n" and replies.readline().startswith(b"221 ")
+    assert fake.pipelined == [True]
+    assert [c.split(b":")[0] for c in fake.commands if c[:4] in (b"MAIL", b"RCPT", b"DATA")] == [
+        b"MAIL FROM", b"RCPT TO", b"RCPT TO", b"DATA\r\n"]
+    assert fake.payloads == [b"Subject: pipelined\r\n\r\nhi\r\n.\r\n"]

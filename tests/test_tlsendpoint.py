@@ -112,3 +112,37 @@ def test_an_idle_connection_keeps_no_large_buffer(test_pki):
             await asyncio.wait([e.closed for e in endpoints], timeout=5)
 
     asyncio.run(main())
+
+
+def test_server_side_layer_under_any_protocol_relays_both_ways_and_keeps_no_large_buffer(test_pki):
+    """proxy.accept's implicit-TLS listener puts a TlsLayer under the protocol: an echo protocol
+    gets plaintext, the client's asyncio TLS sees a normal server, no per-connection 256 KiB buffer."""
+    from proxy.accept import listen
+    from proxy.tlsendpoint import TlsLayer
+
+    payload = os.urandom(2 * RECV_SIZE + 777)
+    layers = []
+
+    class Echo(asyncio.Protocol):
+        def connection_made(self, transport):
+            self.transport = transport
+            layers.append(transport._endpoint)
+
+        def data_received(self, data):
+            self.transport.write(data)
+
+    async def main():
+        listener = await listen("TEST", "127.0.0.1", 0, Echo, ssl=_server_context(test_pki), ssl_handshake_timeout=5)
+        port = listener.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_context(test_pki.ca_file),
+                                                       server_hostname="127.0.0.1")
+        writer.write(payload)
+        assert await reader.readexactly(len(payload)) == payload
+        layer = layers[0]
+        assert isinstance(layer, TlsLayer) and layer.ssl_object.version() in ("TLSv1.2", "TLSv1.3")
+        assert not [name for name, value in vars(layer).items()
+                    if isinstance(value, (bytes, bytearray, memoryview)) and len(value) > 4096]
+        writer.close()
+        listener.close()
+
+    asyncio.run(main())

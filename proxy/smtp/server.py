@@ -29,6 +29,7 @@ from .capabilities import UpstreamExtensions
 from .session import ProxySMTP
 
 log = logging.getLogger("proxy.smtp")
+TOO_MANY = b"421 4.7.0 Too many connections to the proxy; please try again later"
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,7 @@ class SmtpProxy(Listeners):
         settings = self.config.smtp
         server = await self._listen(log, "SMTP", settings, self._protocol, lambda: self._protocol(tls=True),
                                     self.server_tls, " (STARTTLS)" if settings.upstream_tls == "starttls"
-                                    else " (implicit TLS)")
+                                    else " (implicit TLS)", refusal=TOO_MANY + b"\r\n")
         self.extensions.refresh()
         return server
 
@@ -152,7 +153,7 @@ class _Refuse(asyncio.Protocol):
     """Over the connection limit: answer 421 and close."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.write(b"421 4.7.0 Too many connections to the proxy; please try again later\r\n")  # type: ignore
+        transport.write(TOO_MANY + b"\r\n")  # type: ignore
         transport.close()
 
 

@@ -14,12 +14,21 @@ Guarantees:
   gets ``451 4.4.2`` for it and for the rest of it (pipelined RCPTs, DATA); the connection is
   dropped and the next MAIL logs in again (``421`` and close if that fails). A MAIL that finds
   an idle connection gone is retried once on a new one: nothing was in flight;
-- the body reaches the upstream unchanged (:func:`~proxy.smtp.wire.dot_stuff`);
+- the body reaches the upstream unchanged: it is passed on as it arrives (:mod:`proxy.smtp.data`,
+  which gives the upstream what aiosmtpd's reader plus :func:`~proxy.smtp.wire.dot_stuff` gave
+  it), so a message of any size costs the proxy a few hundred kilobytes;
+- a message refused on the way (larger than the SIZE offered, a line too long, a dot after a
+  bare CR or LF: "SMTP smuggling") never reaches an end of data upstream: the upstream
+  connection is dropped before, the server discards the unfinished message, and the next MAIL
+  logs in again;
+- pipelined MAIL/RCPT go upstream without waiting when it offers PIPELINING; replies keep the
+  order of the commands;
 - the proxy's upstream deadlines are shorter than aiosmtpd's per-command timer, so a slow
   upstream gets the client a 4xx reply, never a silently dropped connection.
 
-aiosmtpd private API used here (the dependency is pinned below 2.0): ``_reader``,
-``_reset_timeout``, ``_set_rset_state``, ``_strip_command_keyword``.
+aiosmtpd private API used here (the dependency is pinned below 2.0): ``_reader`` (and its
+``_buffer``), ``_reset_timeout``, ``_set_rset_state``, ``_strip_command_keyword``,
+``_original_transport`` and ``_tls_protocol`` (STARTTLS).
 """
 
 from __future__ import annotations
@@ -29,20 +38,24 @@ import collections
 import functools
 import logging
 import re
+import ssl
 import time
-from typing import TYPE_CHECKING, Awaitable
+from typing import TYPE_CHECKING, Awaitable, Callable
 
 from aiosmtpd.smtp import SMTP, Envelope, syntax
 
 from ..admission import Slot
 from ..config import STARTTLS_OFF, STARTTLS_REQUIRED
 from ..hints import send_as_hint
-from ..listeners import unread_input
+from ..listeners import HANDSHAKE_TIMEOUT, unread_input
 from ..login import LoginFailed, UpstreamError, relogin, upstream_user
 from ..logs import log_event
 from ..metrics import METRICS, TO_SERVER
+from ..tls import describe_tls_error
+from ..tlsendpoint import start_tls
 from ..tokens import LoginGrant
 from .auth import SaslAuthMixin
+from .data import LINE_TOO_LONG, LONE_DOT_FOUND, OK, TOO_BIG, DataStream
 from .upstream import Connection
 from .wire import (AUTH_REQUIRED, MAX_MESSAGE_SIZE, Reply, advertised_size, data_size_limit, local_extensions,
                    one_line, send_as_denied, with_advice)
@@ -58,8 +71,8 @@ _UNPRINTABLE = re.compile(rb"[^\x20-\x7e]")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # A dot after a bare LF or CR: servers that also end lines there (Dovecot does) would read the end
 # of the message in it, deliver it cut short with a 250, and take the rest for commands ("SMTP
-# smuggling"), their replies then answering the client's next commands. Such a message is refused.
-_LONE_DOT = re.compile(rb"(?<!\r)\n\.|\r\.")
+# smuggling"), their replies then answering the client's next commands. Such a message is refused
+# (found by proxy.smtp.data.DataStream).
 LONE_DOT_REFUSED = ("550 5.6.0 Message not sent: it has a bare CR or LF followed by a dot, which the mail "
                     "server could take for the end of the message; use CRLF line ends")
 _LINE_LIMIT = 256 * 1024  # longest command or message line accepted (RFC 5321 says 1,000; clients exceed it)
@@ -69,17 +82,11 @@ _EVICTED = b"421 4.7.0 Too many connections waiting to log in; closing the oldes
 # at most 4 KiB decoded): a client that has not logged in cannot make the proxy buffer more.
 PRELOGIN_LINE_LIMIT = 4096
 
-
-def _has_lone_dot(content: bytes) -> bool:
-    """``_LONE_DOT.search(content)``, but with substring searches: 6× faster on a 10 MB message."""
-    return b"\r." in content or (b"\n." in content and content.count(b"\n.") != content.count(b"\r\n."))
+_READ_SIZE = 64 * 1024    # bytes of a message taken from the client at a time (below _LINE_LIMIT: see data.py)
 
 
 class _Hooks:
     """aiosmtpd's handler hooks; everything per connection lives on :class:`ProxySMTP`."""
-
-    async def handle_DATA(self, server: ProxySMTP, session: object, envelope: Envelope) -> bytes:  # noqa: N802
-        return await server.relay_message(envelope)
 
     async def handle_QUIT(self, server: ProxySMTP, session: object, envelope: Envelope) -> str:  # noqa: N802
         return "221 2.0.0 Bye"
@@ -112,6 +119,9 @@ class ProxySMTP(SaslAuthMixin, SMTP):
         self.account: LoginGrant | None = None  # to log in upstream again if the connection is lost
         self._broken: str | None = None     # the reply for the rest of a transaction that lost its upstream
         self._in_transaction = False        # the upstream accepted a MAIL whose transaction is still open
+        # Pipelined MAIL/RCPT sent upstream whose replies are still owed to the client, in order:
+        # each entry applies its reply to the envelope (see _pipelining).
+        self._deferred: list[Callable[[Reply], object]] = []
         self._sent = self._failed = 0
         self._started = time.monotonic()
         self._preauth: asyncio.TimerHandle | None = None
@@ -167,10 +177,14 @@ class ProxySMTP(SaslAuthMixin, SMTP):
     def _tracked(self, method):  # noqa: ANN001, ANN202
         """Wrap an ``smtp_*`` handler so a shutdown knows whether a command is in progress
         (keeping the attributes aiosmtpd's HELP reads)."""
+        pipelinable = method.__name__ in ("smtp_MAIL", "smtp_RCPT")
+
         @functools.wraps(method)
         async def run(arg: str | None) -> None:
             self._busy = True
             try:
+                if self._deferred and not pipelinable:
+                    await self._settle()
                 await method(arg)
             finally:
                 self._busy = False
@@ -237,12 +251,38 @@ class ProxySMTP(SaslAuthMixin, SMTP):
         return "451 4.3.0 Internal error in the proxy; please try again"
 
     async def push(self, status: str | bytes) -> None:
+        """Send a reply, after the replies still owed to pipelined commands (so replies keep
+        the order of the commands)."""
+        if self._deferred:
+            await self._settle()
+        await self._push_now(status)
+
+    async def _push_now(self, status: str | bytes) -> None:
         """Send a reply with every line reduced to printable ASCII: aiosmtpd echoes parts of a
         malformed command (a bare CR, a NUL, an escape sequence) in its own 500 replies."""
         data = status.encode("utf-8", "replace") if isinstance(status, str) else bytes(status)
         await super().push(b"\r\n".join(_UNPRINTABLE.sub(b"?", line) for line in data.split(b"\r\n")))
         if self.slot is not None:
             self.slot.waiting()  # answered: from now on it waits for the client (see proxy/admission.py)
+
+    def _pipelining(self) -> bool:
+        """Send the current MAIL or RCPT without waiting for its reply: the client has already
+        sent its next command (RFC 2920) and the upstream offers PIPELINING. Its reply is read
+        and passed on before any later reply (:meth:`_settle`)."""
+        upstream = self.upstream
+        return (upstream is not None and not upstream.is_closed and "PIPELINING" in upstream.extensions
+                and b"\n" in self._reader._buffer)
+
+    async def _settle(self) -> None:
+        """Read the upstream's replies to the pipelined commands and pass them on, in order."""
+        while self._deferred:
+            apply = self._deferred.pop(0)
+            if self.upstream is None:  # the connection failed on an earlier reply
+                reply = Reply.of(self._broken or LOST)
+            else:
+                reply = await self._step(self.upstream.reply(self.proxy.timeouts.reply))
+            apply(reply)
+            await self._push_now(reply.wire())
 
     async def check_auth_needed(self, caller_method: str) -> bool:
         if not self.session.authenticated:
@@ -307,6 +347,32 @@ class ProxySMTP(SaslAuthMixin, SMTP):
         await self.push("252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery" if arg
                         else "501 5.5.4 Syntax: VRFY <address>")
 
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str) -> None:  # noqa: N802
+        """aiosmtpd's STARTTLS, with the proxy's own TLS layer (:func:`proxy.tlsendpoint.start_tls`:
+        no 256 KiB buffer per connection as with asyncio's). Plaintext the client sent after the
+        command is discarded (RFC 3207); the session starts over as aiosmtpd does it."""
+        if arg:
+            await self.push("501 Syntax: STARTTLS")
+            return
+        if not self.tls_context or self._tls_protocol is not None:
+            await self.push("454 TLS not available")
+            return
+        await self.push("220 Ready to start TLS")
+        raw = self.transport
+        self._reader._buffer.clear()
+
+        def ready(transport: asyncio.Transport) -> None:  # before the client's first encrypted command
+            self._original_transport = raw
+            self._tls_protocol = raw.get_protocol()  # (aiosmtpd reads its _extra into session.ssl)
+            self.connection_made(transport)  # aiosmtpd's state reset after STARTTLS (RFC 3207 4.2)
+
+        try:
+            await start_tls(raw, self, self.tls_context, timeout=HANDSHAKE_TIMEOUT, on_ready=ready)
+        except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as exc:
+            log.info("smtp %s STARTTLS failed: %s", self.peer, describe_tls_error(exc))
+            raw.close()
+
     @syntax("QUIT")
     async def smtp_QUIT(self, arg: str) -> None:  # noqa: N802
         if not arg:
@@ -325,7 +391,19 @@ class ProxySMTP(SaslAuthMixin, SMTP):
             await self.push("503 5.5.1 Error: nested MAIL command")
             return
         self._broken = None
-        reply = await self._start_transaction(b"MAIL " + _raw(arg))
+        line = b"MAIL " + _raw(arg)
+        if self._pipelining():
+            self.upstream.send_command(line)
+            # provisionally in a transaction, so that the pipelined RCPTs go upstream too (which
+            # answers them itself if this MAIL fails)
+            self.envelope.mail_from, self._in_transaction = arg, True
+
+            def apply(reply: Reply) -> None:
+                if reply.code // 100 != 2 and self.envelope.mail_from is arg:
+                    self.envelope.mail_from, self._in_transaction = None, False
+            self._deferred.append(apply)
+            return
+        reply = await self._start_transaction(line)
         if reply is None:
             return  # the session was closed with 421
         if reply.code // 100 == 2:
@@ -343,61 +421,145 @@ class ProxySMTP(SaslAuthMixin, SMTP):
         elif arg is None or self._strip_command_keyword("TO:", arg) is None or _CONTROL.search(arg):
             await self.push("501 5.5.4 Syntax: RCPT TO:<address> [parameters]")
         else:
-            reply = await self._step(self.upstream.command(b"RCPT " + _raw(arg), self.proxy.timeouts.reply))
-            if reply.code // 100 == 2:
-                self.envelope.rcpt_tos.append(arg)
+            line = b"RCPT " + _raw(arg)
+            envelope = self.envelope
+
+            def apply(reply: Reply) -> None:
+                if reply.code // 100 == 2 and envelope is self.envelope:
+                    envelope.rcpt_tos.append(arg)
+            if self._pipelining():
+                self.upstream.send_command(line)
+                self._deferred.append(apply)
+                return
+            reply = await self._step(self.upstream.command(line, self.proxy.timeouts.reply))
+            apply(reply)
             await self.push(reply.wire())
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:  # noqa: N802
+        """The message is passed on as it arrives (:mod:`proxy.smtp.data`), not read whole first.
+        The client's ``354`` does not wait for the upstream's: no byte of the message goes
+        upstream before the upstream's own ``354``, and if it refuses DATA its reply answers the
+        end of the message instead."""
         if self._broken and self.session.authenticated and self.session.host_name:
             await self.push(self._broken)
             return
-        await super().smtp_DATA(arg)  # reads the message, then calls relay_message
-        if self._in_transaction and self.envelope.mail_from is None:
-            # aiosmtpd ended the transaction without relaying (message too large, line too long)
-            self._in_transaction = False
-            await self._relay_quietly(b"RSET")
-
-    async def relay_message(self, envelope: Envelope) -> bytes:
-        """Send one message upstream; the reply to give the client for its end of DATA."""
-        content = envelope.original_content or b""
-        started = time.monotonic()
-        timeouts = self.proxy.timeouts
-        # The client now waits for the upstream, which has its own (shorter) deadlines.
-        self._reset_timeout(timeouts.reply + timeouts.final + 30)
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        started, recipients = time.monotonic(), len(self.envelope.rcpt_tos)
+        mail_from = self.envelope.mail_from  # (the envelope is reset at the end of the data)
+        # The upstream's DATA goes out now and its reply is read before the first bytes of the
+        # message are passed on: the client's 354 needs no round trip to the upstream.
+        if self.upstream is None:
+            self._lose("no connection")
+        else:
+            self.upstream.send_command(b"DATA")
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
         try:
-            if _has_lone_dot(content):  # not sent; smtp_DATA then resets the upstream transaction
-                log.warning("smtp %s user %s message refused: a bare CR or LF followed by a dot", self.peer, self.user)
-                reply = Reply.of(LONE_DOT_REFUSED)
-            elif self.upstream is None:
-                reply = self._lose("no connection")
-            else:
-                reply = await self._step(self.upstream.command(b"DATA", timeouts.reply))
-            if reply.code == 354 and self.upstream is not None:
-                reply = await self._step(self.upstream.send_message(content, timeouts.final))
-                self._in_transaction = False
+            reply, size = await self._relay_payload()
         finally:
             if self.transport is not None:  # (after a disconnect, no timer must be left behind)
                 self._reset_timeout()
         if send_as_denied(reply):
-            reply = self._send_as_advice(reply, envelope)
+            reply = self._send_as_advice(reply, mail_from)
+        self._finish_message(reply, size, recipients, started)
+        if reply.code != 250 and self._in_transaction:  # the upstream keeps its envelope after refusing DATA
+            self._in_transaction = False
+            await self._relay_quietly(b"RSET")
+        await self.push(reply.wire())
+
+    async def _relay_payload(self) -> tuple[Reply, int]:
+        """Read the payload in bulk and stream it upstream; returns the client's reply and the size.
+
+        A refusal found on the way (too large, a line too long, a dot after a bare CR or LF)
+        drops the upstream connection before any end of data went out, so the server discards
+        the unfinished message; the next MAIL logs in again. A failing upstream (closed, or not
+        taking data for ``timeouts.final`` seconds) makes it 451. Either way the rest of the
+        payload is read, so the session stays in step with the client.
+        """
+        timeouts = self.proxy.timeouts
+        stream = DataStream(self.data_size_limit, self.line_length_limit)
+        reader = self._reader
+        refused: Reply | None = None  # the upstream's answer to DATA, if it was not 354
+        data_reply = self.upstream is None  # (no upstream: LOST is the answer)
+        last = b""  # the payload's last bytes, sent with the final dot (one write, not two)
+        while not stream.done:
+            chunk = await reader.read(_READ_SIZE)
+            if not chunk:  # the client went away mid-message: connection_lost aborts the upstream
+                raise ConnectionResetError("connection lost during DATA")
+            self._reset_timeout()  # the client is making progress (RFC 5321 4.5.3.2.5: per data block)
+            out = stream.feed(chunk)
+            if not data_reply:
+                data_reply = True
+                reply = await self._step(self.upstream.reply(timeouts.reply))
+                if reply.code != 354 and self.upstream is not None:
+                    refused = reply
+            upstream = self.upstream
+            if stream.verdict != OK:
+                if upstream is not None and self._in_transaction and refused is None:
+                    self._drop_upstream(polite=False)  # nothing delivered: no end of data went out
+                    self._in_transaction = False
+                continue
+            if upstream is None or refused is not None:
+                continue
+            if stream.done:
+                last = out
+            elif out:
+                upstream.send_data(out)
+            if upstream.is_closed:
+                self._lose("the mail server closed the connection")
+            elif upstream.backlogged:
+                self._reset_timeout(timeouts.final + 30)
+                try:
+                    await upstream.drain_data(timeouts.final)
+                except UpstreamError as exc:
+                    self._lose(str(exc))
+        if stream.rest:  # pipelined commands after the end of data: aiosmtpd reads them next
+            reader._buffer[0:0] = stream.rest
+        self._set_post_data_state()
+        if stream.verdict == LONE_DOT_FOUND:
+            log.warning("smtp %s user %s message refused: a bare CR or LF followed by a dot", self.peer, self.user)
+            return Reply.of(LONE_DOT_REFUSED), stream.content_size
+        if stream.verdict == TOO_BIG:
+            return Reply.of("552 5.3.4 Error: Too much mail data"), stream.content_size
+        if stream.verdict == LINE_TOO_LONG:
+            return Reply.of("500 5.5.6 Line too long (see RFC5321 4.5.3.1.6)"), stream.content_size
+        if refused is not None:
+            return refused, stream.content_size
+        if self.upstream is None:
+            return Reply.of(self._broken or LOST), stream.content_size
+        if not data_reply:  # an empty message: the upstream's 354 is still to be read
+            reply = await self._step(self.upstream.reply(timeouts.reply))
+            if reply.code != 354:
+                return reply, stream.content_size
+        self._reset_timeout(timeouts.final + 30)
+        reply = await self._step(self.upstream.finish_message(timeouts.final, last))
+        self._in_transaction = False
+        return reply, stream.content_size
+
+    def _finish_message(self, reply: Reply, size: int, recipients: int, started: float) -> None:
+        """Count and log one message's outcome."""
         if reply.code == 250:
             self._sent += 1
-            self._relayed += len(content)
-            METRICS.relayed.add("smtp", TO_SERVER, len(content))
+            self._relayed += size
+            METRICS.relayed.add("smtp", TO_SERVER, size)
         else:
             self._failed += 1
         duration = time.monotonic() - started
         log_event(log, "smtp %s user %s message: %d bytes, %d recipient(s), upstream reply %d (%.0f ms)", self.peer,
-                  self.user, len(content), len(envelope.rcpt_tos), reply.code, duration * 1000, event="message",
+                  self.user, size, recipients, reply.code, duration * 1000, event="message",
                   protocol="smtp", peer=self.peer, account=self.user, result=reply.code,
-                  duration_s=round(duration, 3), bytes=len(content), recipients=len(envelope.rcpt_tos))
-        return reply.wire()
+                  duration_s=round(duration, 3), bytes=size, recipients=recipients)
 
-    def _send_as_advice(self, reply: Reply, envelope: Envelope) -> Reply:
+    def _send_as_advice(self, reply: Reply, mail_from: str | None) -> Reply:
         """Exchange refused to send as the MAIL FROM address: say who must grant what to whom."""
-        found = _MAIL_FROM.match(envelope.mail_from or "")
+        found = _MAIL_FROM.match(mail_from or "")
         sender = found.group(1) if found else "this sender"
         identity = upstream_user(self.account.account, "smtp") if self.account else self.user
         log.info("smtp %s user %s: the mail server refused to send as %s for %s", self.peer, self.user, sender,

@@ -22,9 +22,13 @@ from ..config import Address
 from ..login import UpstreamError, login_result
 from ..relay import WRITE_HIGH_WATER, ConnectionClosed, Endpoint, LineTooLong
 from ..tls import describe_tls_error
+from ..tlsendpoint import open_tls, start_tls
 from ..webproxy import WebProxy, open_connection
 from . import xoauth2
-from .wire import MAX_REPLY_LINE, MAX_REPLY_LINES, Reply, dot_stuff, parse_ehlo, parse_reply_line
+from .wire import MAX_REPLY_LINE, MAX_REPLY_LINES, Reply, parse_ehlo, parse_reply_line
+
+
+STARTTLS_TIMEOUT = 30.0  # (the caller's login or probe deadline is shorter)
 
 #: A reply line longer than this is refused as invalid (it is cut at MAX_REPLY_LINE up to here).
 MAX_LONG_REPLY_LINE = 1024 * 1024
@@ -47,23 +51,40 @@ class Connection:
         self.endpoint.write(line + b"\r\n")
         return await self.reply(timeout)
 
+    def send_command(self, line: bytes) -> None:
+        """Send one command line without waiting; read its reply with :meth:`reply` later."""
+        self.endpoint.write(line + b"\r\n")
+
     async def reply(self, timeout: float | None) -> Reply:
         try:
-            return await asyncio.wait_for(read_reply(self.endpoint), timeout)
+            return await _within(read_reply(self.endpoint), timeout)
         except asyncio.TimeoutError:
             raise UpstreamError(f"no answer from {self.address} within {timeout:.0f} s") from None
 
-    async def send_message(self, content: bytes, timeout: float) -> Reply:
-        """After a 354: send the dot-stuffed ``content`` and the final dot; return the final reply."""
-        async def send() -> Reply:
-            for piece in dot_stuff(content):
-                if self.endpoint.is_closing:
-                    raise UpstreamError(f"{self.address} closed the connection during the message")
-                self.endpoint.write(piece)
-                await self.endpoint.drain()
-            return await read_reply(self.endpoint)
+    # -- a message's payload, streamed after the upstream's 354 (see proxy.smtp.data) ---------
+    def send_data(self, data: bytes) -> None:
+        """Pass on the next dot-stuffed bytes of a message (never its final dot)."""
+        self.endpoint.write(data)
+
+    @property
+    def backlogged(self) -> bool:
+        """The server is not taking data as fast as it comes: wait for :meth:`drain_data`."""
+        return self.endpoint.writing_paused
+
+    async def drain_data(self, timeout: float) -> None:
+        """Wait until the server takes data again (UpstreamError if it has not within ``timeout``)."""
         try:
-            return await asyncio.wait_for(send(), timeout)
+            await asyncio.wait_for(self.endpoint.drain(), timeout)
+        except asyncio.TimeoutError:
+            raise UpstreamError(f"{self.address} did not take the message within {timeout:.0f} s") from None
+
+    async def finish_message(self, timeout: float, data: bytes = b"") -> Reply:
+        """Send the payload's last ``data`` and the final dot; return the server's reply to the message."""
+        if self.is_closed:
+            raise UpstreamError(f"{self.address} closed the connection during the message")
+        self.endpoint.write(data + b".\r\n")
+        try:
+            return await _within(read_reply(self.endpoint), timeout)
         except asyncio.TimeoutError:
             raise UpstreamError(f"{self.address} did not accept the message within {timeout:.0f} s") from None
 
@@ -80,6 +101,20 @@ class Connection:
         self.endpoint.abort()
 
 
+async def _within(awaitable, timeout: float | None):  # noqa: ANN001, ANN202
+    """``await awaitable`` with a deadline (asyncio.TimeoutError). ``asyncio.timeout`` where it exists
+    (Python 3.11): ``wait_for`` makes a task per call, which the proxy pays on every SMTP reply."""
+    if timeout is None:
+        return await awaitable
+    if _timeout is not None:
+        async with _timeout(timeout):
+            return await awaitable
+    return await asyncio.wait_for(awaitable, timeout)
+
+
+_timeout = getattr(asyncio, "timeout", None)
+
+
 async def connect(address: Address, tls_mode: str, context: ssl.SSLContext, local_name: str, *,
                   via: WebProxy | None = None) -> Connection:
     """TCP (through the web proxy ``via`` with HTTP CONNECT, if given), greeting, EHLO, STARTTLS
@@ -91,12 +126,12 @@ async def connect(address: Address, tls_mode: str, context: ssl.SSLContext, loca
     loop = asyncio.get_running_loop()
     implicit = tls_mode == "implicit"
     try:
-        if via is None:
-            _, endpoint = await loop.create_connection(Endpoint, address.host, address.port,
-                                                       ssl=context if implicit else None,
-                                                       server_hostname=address.host if implicit else None)
-        else:
+        if via is not None:
             _, endpoint = await open_connection(Endpoint, address.host, address.port, via)
+        elif implicit:  # TLS through memory BIOs: asyncio's own costs 256 KiB per connection (tlsendpoint.py)
+            endpoint = await open_tls(address.host, address.port, context)
+        else:
+            _, endpoint = await loop.create_connection(Endpoint, address.host, address.port)
     except ssl.SSLError as exc:
         raise UpstreamError(f"TLS handshake with {address} failed: {describe_tls_error(exc)}") from None
     except OSError as exc:
@@ -188,11 +223,11 @@ async def _start_tls(conn: Connection, context: ssl.SSLContext) -> None:
     """Turn the connection's transport into a verified TLS one (STARTTLS, or implicit TLS in a tunnel)."""
     endpoint = conn.endpoint
     try:
-        transport = await asyncio.get_running_loop().start_tls(
-            endpoint.transport, endpoint, context, server_hostname=conn.address.host)
+        transport = await start_tls(endpoint.transport, endpoint, context, timeout=STARTTLS_TIMEOUT, server_side=False,
+                                    server_hostname=conn.address.host)
     except ssl.SSLError as exc:
         raise UpstreamError(f"TLS handshake with {conn.address} failed: {describe_tls_error(exc)}") from None
-    except (OSError, ConnectionError) as exc:
+    except (OSError, ConnectionError, asyncio.TimeoutError) as exc:
         raise UpstreamError(f"TLS handshake with {conn.address} failed ({exc.__class__.__name__})") from None
     if transport is None:
         raise UpstreamError(f"{conn.address} closed the connection during the TLS handshake")
