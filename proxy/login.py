@@ -18,7 +18,10 @@ names what to do (:mod:`proxy.hints`). :func:`upstream_user` decides the XOAUTH2
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import logging
+import secrets
 import ssl
 import time
 from typing import Awaitable, Callable, Generic, TypeVar
@@ -159,9 +162,10 @@ async def login(broker: TokenBroker, throttle: FailureThrottle, upstream: Upstre
             delay = throttle.failed(guessed, source)  # recorded (and logged below) before any waiting
         duration = time.monotonic() - started
         METRICS.login(protocol, failure.kind, duration)
-        log_event(log, "%s %s login %s failed: %s%s", protocol, source, username, failure.text,
+        shown = username if guessed is not None else unknown_name(username)
+        log_event(log, "%s %s login %s failed: %s%s", protocol, source, shown, failure.text,
                   f" (answered after {delay:.1f} s more)" if delay else "", event="login", protocol=protocol,
-                  peer=source, account=username, result=failure.kind, duration_s=round(duration, 3),
+                  peer=source, account=shown, result=failure.kind, duration_s=round(duration, 3),
                   delay_s=round(delay, 3))
         if delay > 0:
             if slot is not None:
@@ -181,6 +185,21 @@ async def login(broker: TokenBroker, throttle: FailureThrottle, upstream: Upstre
         slot.logged_in()
     METRICS.login(protocol, "ok", time.monotonic() - started)
     return result
+
+
+_NAME_KEY = secrets.token_bytes(16)  # (this process only: the fingerprints cannot be looked up elsewhere)
+
+
+def unknown_name(username: str) -> str:
+    """How a user name that is not configured appears in the log: never as typed.
+
+    A user who types the password into the user name field (or the user name and the password
+    in one go) would otherwise leave it in the log. The length and a fingerprint keyed for
+    this process let an admin see that the same unknown name keeps coming back (a mail client
+    set up with a wrong name, or a guesser), without the name. `proxy status` lists the names
+    that exist."""
+    fingerprint = hmac.new(_NAME_KEY, username.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()[:8]
+    return f"<unknown user name, {len(username)} characters, #{fingerprint}>"
 
 
 def _owner_of(broker: TokenBroker, username: str) -> str | None:

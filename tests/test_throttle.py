@@ -7,6 +7,7 @@ and upstream, and :class:`proxy.admission.Admission` holding a failed login's sl
 from __future__ import annotations
 
 import asyncio
+import re
 import logging
 import os
 import time
@@ -162,6 +163,27 @@ def test_a_guess_at_a_shared_mailbox_counts_against_its_token_owner():
                 await run_login(FakeBroker(), t, username=f"name{i}@example.com", source="10.0.0.2")
     asyncio.run(unknown_names())
     assert len(t) == 3                           # alice, 10.0.0.1, 10.0.0.2: a typed name gets no counter
+
+
+def test_an_unknown_user_name_is_never_logged_as_typed(caplog):
+    """A password typed into the user name field must not end up in the log: an unknown name shows
+    as its length and a fingerprint, the same for the same name while the proxy runs."""
+    t = FailureThrottle(base=0.0, cap=0.0)
+    typed = "Winter2026!secret"
+
+    async def main():
+        for name in (typed, typed, "someone-else"):
+            with pytest.raises(LoginFailed):
+                await run_login(FakeBroker(), t, username=name)
+    with caplog.at_level(logging.INFO, "proxy.login"):
+        asyncio.run(main())
+    lines = [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
+    assert len(lines) == 3 and typed not in caplog.text and "Winter" not in caplog.text
+    fingerprints = [re.search(r"<unknown user name, (\d+) characters, #([0-9a-f]{8})>", line) for line in lines]
+    assert [f.group(1) for f in fingerprints] == [str(len(typed)), str(len(typed)), "12"]
+    assert fingerprints[0].group(2) == fingerprints[1].group(2) != fingerprints[2].group(2)
+    assert all(getattr(r, "fields", {}).get("account", "").startswith("<unknown") for r in caplog.records
+               if "failed" in r.getMessage())
 
 
 def test_a_failure_is_counted_and_logged_before_the_delay_and_a_hang_up_keeps_the_slot(caplog):
