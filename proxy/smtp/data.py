@@ -67,8 +67,11 @@ class DataStream:
             raise ValueError("the payload has ended")
         work = self._tail + chunk
         # The usual chunk (base64, ordinary text) has neither "\n." nor "\r.", context included: no
-        # end of data, no dot to unstuff or count, no dot after a bare line break; two scans decide it.
-        plain = b"\n." not in work and b"\r." not in work
+        # end of data, no dot to unstuff or count, no dot after a bare line break. A chunk without
+        # any dot (base64: attachments) is found by one memchr; CPython searches two-byte needles
+        # a byte at a time (~1 GB/s: 140 µs for two scans of 64 KiB, a quarter of the proxy's CPU
+        # for a 10 MB message).
+        plain = b"." not in work or (b"\n." not in work and b"\r." not in work)
         end = -1 if plain else work.find(_END)
         if end >= 0:
             stop = end + 2                     # the CRLF that ends the last line belongs to the message
