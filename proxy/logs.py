@@ -23,6 +23,8 @@ _PATTERNS = [
     re.compile(r"(?i)([\"']?(?:access_token|refresh_token|id_token|client_secret|password|code_verifier|"
                r"device_code)[\"']?\s*[:=]\s*[\"']?)[^\s\"'&,}]+"),
 ]
+# Every pattern needs one of these words (in any case): ASCII text without any of them is left as is.
+_HINTS = ("bearer", "token", "secret", "password", "code_verifier", "device_code")
 _secrets: set[str] = set()
 _secrets_lock = threading.Lock()
 _MAX_SECRETS = 10_000
@@ -44,6 +46,10 @@ def redact(text: str) -> str:
     for secret in known:
         if secret in text:
             text = text.replace(secret, _MASK)
+    if text.isascii():  # (re's IGNORECASE also matches a few non-ASCII letters that lower() keeps)
+        lowered = text.lower()
+        if not any(hint in lowered for hint in _HINTS):
+            return text
     for pattern in _PATTERNS:
         text = pattern.sub(lambda m: m.group(1) + _MASK, text)
     return text
@@ -100,6 +106,10 @@ def setup_logging(level: str = "INFO", fmt: str = "text", stream=None, log_file:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    # Neither format shows the caller, thread or process: do not look them up for every record
+    # (the logging HOWTO's "Optimization"; half the cost of the log line per SMTP message).
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     # aiosmtpd's "mail.log" logs commands, and message lines at DEBUG.
     for noisy in ("msal", "urllib3", "requests", "asyncio", "mail.log"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
