@@ -203,6 +203,13 @@ class Endpoint(asyncio.Protocol):
         if self.transport is not None and not self.closed.done():
             self.transport.abort()
 
+    def interrupt(self, error: BaseException) -> bool:
+        """Make the read in progress raise ``error`` (a deadline passed); False if none is waiting."""
+        if self._waiter is None or self._waiter.done():
+            return False
+        self._waiter.set_exception(error)
+        return True
+
     # -- internals ------------------------------------------------------------------------
     async def _wait(self) -> None:
         self._waiter = asyncio.get_running_loop().create_future()
