@@ -114,6 +114,26 @@ def test_raw_pipelining_with_a_refused_recipient_and_rset(smtp_proxy, sink) -> N
     assert [m.rcpt_tos for m in sink.messages] == [["bob@example.org"], ["dave@example.org"]]
 
 
+def test_after_auth_the_sessions_own_loop_and_aiosmtpd_answer_in_the_order_of_the_commands(smtp_proxy, sink) -> None:
+    """After AUTH the session runs MAIL/RCPT/DATA/RSET/NOOP itself and leaves every other line to
+    aiosmtpd; pipelined together, the replies still come in the order of the commands."""
+    proxy = smtp_proxy()
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as sock:
+        replies = sock.makefile("rb")
+        plain = base64.b64encode(f"\0{SMTP_USER}\0{SMTP_PASSWORD}".encode()).decode()
+        sock.sendall(f"EHLO client.test\r\nAUTH PLAIN {plain}\r\n".encode())
+        assert read_codes(replies, 3) == [220, 250, 235]
+        sock.sendall(f"NOOP\r\nVRFY bob\r\nMAIL FROM:<{SMTP_USER}>\r\nHELP\r\nRCPT TO:<bob@example.org>\r\n"
+                     f"EHLO again.test\r\nRCPT TO:<bob@example.org>\r\nMAIL FROM:<{SMTP_USER}>\r\nBOGUS\r\n"
+                     f"RCPT TO:<{'x' * 3000}@example.org>\r\nRCPT TO:<carol@example.org>\r\nDATA\r\n".encode())
+        # EHLO ends the transaction (503 for the RCPT after it); an over-long RCPT gets aiosmtpd's 500
+        assert read_codes(replies, 12) == [250, 252, 250, 250, 250, 250, 503, 250, 500, 500, 250, 354]
+        sock.sendall(b"Subject: mixed\r\n\r\n.\r\nRSET\r\nQUIT\r\n")
+        assert read_codes(replies, 3) == [250, 250, 221]
+    assert delivered(sink, 1) == [b"Subject: mixed\r\n\r\n"]
+    assert sink.messages[0].rcpt_tos == ["carol@example.org"]
+
+
 def read_codes(replies, count: int) -> list[int]:
     codes = []
     while len(codes) < count:

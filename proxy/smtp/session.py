@@ -57,6 +57,7 @@ from ..tokens import LoginGrant
 from .auth import SaslAuthMixin
 from .data import LINE_TOO_LONG, LONE_DOT_FOUND, OK, TOO_BIG, DataStream
 from .upstream import Connection
+from .transaction import EXTENDED_SIZE_LIMITS, LOST, PIPELINABLE, Relay, Transaction, parse_command
 from .wire import (AUTH_REQUIRED, MAX_MESSAGE_SIZE, Reply, advertised_size, data_size_limit, local_extensions,
                    one_line, send_as_denied, with_advice)
 
@@ -64,11 +65,7 @@ if TYPE_CHECKING:
     from .server import SmtpProxy
 
 log = logging.getLogger("proxy.smtp")
-LOST = "451 4.4.2 The connection to the mail server failed; please try again"
 _UNPRINTABLE = re.compile(rb"[^\x20-\x7e]")
-# A bare CR or a NUL relayed inside MAIL/RCPT could end the command early for the upstream and
-# put its replies out of step with the proxy's (a 250 answering the wrong command).
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # A dot after a bare LF or CR: servers that also end lines there (Dovecot does) would read the end
 # of the message in it, deliver it cut short with a 250, and take the rest for commands ("SMTP
 # smuggling"), their replies then answering the client's next commands. Such a message is refused
@@ -83,6 +80,7 @@ _EVICTED = b"421 4.7.0 Too many connections waiting to log in; closing the oldes
 PRELOGIN_LINE_LIMIT = 4096
 
 _READ_SIZE = 64 * 1024    # bytes of a message taken from the client at a time (below _LINE_LIMIT: see data.py)
+_LONGEST_COMMAND = max(EXTENDED_SIZE_LIMITS["MAIL"], EXTENDED_SIZE_LIMITS["RCPT"]) + 2  # (with CRLF)
 
 
 class _Hooks:
@@ -109,22 +107,22 @@ class ProxySMTP(SaslAuthMixin, SMTP):
         self._opened = False
         self._relayed = 0
         self._smtp_methods = {name: self._tracked(method) for name, method in self._smtp_methods.items()}
-        # aiosmtpd's limits dict is shared by all its instances; keep our own. Room for DSN
-        # parameters (RFC 3461: +100 MAIL, +500 RCPT) and AUTH lines (RFC 4954: 12,288).
-        self.command_size_limits = collections.defaultdict(
-            lambda: SMTP.command_size_limit, {"MAIL": 2048, "RCPT": 2048, "AUTH": 12288})
+        # aiosmtpd's limits dict is shared by all its instances; keep our own (see transaction.py).
+        self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit, EXTENDED_SIZE_LIMITS)
         self.proxy = proxy
         self.upstream: Connection | None = None
         self.user: str | None = None
         self.account: LoginGrant | None = None  # to log in upstream again if the connection is lost
-        self._broken: str | None = None     # the reply for the rest of a transaction that lost its upstream
-        self._in_transaction = False        # the upstream accepted a MAIL whose transaction is still open
-        # Pipelined MAIL/RCPT sent upstream whose replies are still owed to the client, in order:
-        # each entry applies its reply to the envelope (see _pipelining).
-        self._deferred: list[Callable[[Reply], object]] = []
+        self.tx = Transaction()  # the mail transaction as the client has been answered
+        # Pipelined MAIL/RCPT sent upstream whose replies are still owed to the client, in order
+        # (see _pipelining).
+        self._deferred: list[Relay] = []
+        self._handlers: dict[str, Callable[[bytes], Awaitable[None]]] = {
+            "MAIL": self._mail, "RCPT": self._rcpt, "DATA": self._data, "RSET": self._rset, "NOOP": self._noop}
         self._sent = self._failed = 0
         self._started = time.monotonic()
         self._preauth: asyncio.TimerHandle | None = None
+        self._idle_deadline = 0.0
         self.closed: asyncio.Future = self.loop.create_future()
         # Before login aiosmtpd's per-command timer is the pre-login idle timeout (a login itself gets
         # the full command timeout); after it, the normal command timeout.
@@ -176,8 +174,10 @@ class ProxySMTP(SaslAuthMixin, SMTP):
 
     def _tracked(self, method):  # noqa: ANN001, ANN202
         """Wrap an ``smtp_*`` handler so a shutdown knows whether a command is in progress
-        (keeping the attributes aiosmtpd's HELP reads)."""
+        (keeping the attributes aiosmtpd's HELP reads); once logged in, the session's own
+        command loop takes over after it (:meth:`_mail_loop`)."""
         pipelinable = method.__name__ in ("smtp_MAIL", "smtp_RCPT")
+        quit = method.__name__ == "smtp_QUIT"
 
         @functools.wraps(method)
         async def run(arg: str | None) -> None:
@@ -190,12 +190,56 @@ class ProxySMTP(SaslAuthMixin, SMTP):
                 self._busy = False
                 if self.proxy.draining:
                     self.close_when_idle()
+            if self.session.authenticated and not quit:
+                await self._mail_loop()
         return run
+
+    async def _mail_loop(self) -> None:
+        """After AUTH: run MAIL, RCPT, DATA, RSET and NOOP here, straight from aiosmtpd's read
+        buffer, until a line comes that is left to aiosmtpd (EHLO, QUIT, STARTTLS, an unknown
+        or over-long command: :func:`~proxy.smtp.transaction.parse_command`) or the connection
+        ends. aiosmtpd then reads that line and answers it as before, and this loop starts
+        again after it. aiosmtpd's own command loop (parsing, logging, dispatch, a timer per
+        command) cost the proxy more CPU per message than the upstream took to answer it."""
+        reader, handlers = self._reader, self._handlers
+        while self.transport is not None and not self.transport.is_closing() and self.session.authenticated:
+            buffer = reader._buffer
+            end = buffer.find(b"\n")
+            if end < 0:
+                if reader._eof or reader.exception() is not None or len(buffer) > _LONGEST_COMMAND:
+                    return  # (aiosmtpd's reader handles the end of the stream and over-long lines)
+                await reader._wait_for_data("readuntil")  # (also resumes a paused transport)
+                continue
+            command = parse_command(bytes(buffer[:end + 1]), self.session.extended_smtp)
+            if command is None:
+                return
+            del buffer[:end + 1]
+            self._reset_timeout()  # a valid command: aiosmtpd's per-command timer starts again
+            self._busy = True
+            try:
+                if self._deferred and command.verb not in PIPELINABLE:
+                    await self._settle()
+                await handlers[command.verb](command.arg)
+            finally:
+                self._busy = False
+                if self.proxy.draining:
+                    self.close_when_idle()
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """aiosmtpd's per-command timer (the deadline for the next command), set lazily: the
+        deadline moves on every command, the timer only when it would fire too late (aiosmtpd
+        cancels and makes one per command); one that fires early sleeps until the deadline."""
+        self._idle_deadline = self.loop.time() + (duration or self._timeout_duration)
+        handle = self._timeout_handle
+        if handle is None or handle.cancelled() or handle.when() > self._idle_deadline:
+            if handle is not None:
+                handle.cancel()
+            self._timeout_handle = self.loop.call_at(self._idle_deadline, self._timeout_cb)
 
     def close_when_idle(self) -> None:
         """The proxy is stopping: close now if no command and no mail transaction is in progress,
         otherwise once they are done (called again after every command while draining)."""
-        if not self._busy and not self._in_transaction:
+        if not self._busy and not self.tx.open:
             self.shutdown()
 
     @property
@@ -221,6 +265,9 @@ class ProxySMTP(SaslAuthMixin, SMTP):
 
     def _timeout_cb(self) -> None:
         """aiosmtpd's command timer ran out: before login that is the pre-login idle timeout."""
+        if self.loop.time() < self._idle_deadline:  # (set lazily: the deadline has moved on)
+            self._timeout_handle = self.loop.call_at(self._idle_deadline, self._timeout_cb)
+            return
         if self.transport is not None and not self.session.authenticated and not self.transport.is_closing():
             self.transport.write(b"421 4.4.2 No command within %d s; closing\r\n" % self._timeout_duration)
         super()._timeout_cb()
@@ -276,13 +323,12 @@ class ProxySMTP(SaslAuthMixin, SMTP):
     async def _settle(self) -> None:
         """Read the upstream's replies to the pipelined commands and pass them on, in order."""
         while self._deferred:
-            apply = self._deferred.pop(0)
+            relay = self._deferred.pop(0)
             if self.upstream is None:  # the connection failed on an earlier reply
-                reply = Reply.of(self._broken or LOST)
+                reply = Reply.of(self.tx.broken or LOST)
             else:
                 reply = await self._step(self.upstream.reply(self.proxy.timeouts.reply))
-            apply(reply)
-            await self._push_now(reply.wire())
+            await self._push_now(self.tx.replied(relay, reply).wire())
 
     async def check_auth_needed(self, caller_method: str) -> bool:
         if not self.session.authenticated:
@@ -323,18 +369,23 @@ class ProxySMTP(SaslAuthMixin, SMTP):
         await super().smtp_HELO(hostname)
 
     @syntax("RSET")
-    async def smtp_RSET(self, arg: str) -> None:  # noqa: N802
+    async def smtp_RSET(self, arg: str | None) -> None:  # noqa: N802
+        await self._rset(_raw(arg))
+
+    async def _rset(self, arg: bytes) -> None:
         if arg:
             await self.push("501 5.5.4 Syntax: RSET")
             return
-        self._set_rset_state()
-        self._in_transaction = False
+        self.tx.reset()
         reply = await self._relay_quietly(b"RSET")
-        self._broken = None
+        self.tx.broken = None
         await self.push(reply.wire() if reply else "250 2.0.0 OK")
 
     @syntax("NOOP [ignored]")
-    async def smtp_NOOP(self, arg: str) -> None:  # noqa: N802
+    async def smtp_NOOP(self, arg: str | None) -> None:  # noqa: N802
+        await self._noop(_raw(arg))
+
+    async def _noop(self, arg: bytes) -> None:
         reply = await self._relay_quietly(b"NOOP")
         await self.push(reply.wire() if reply else "250 2.0.0 OK")
 
@@ -379,81 +430,62 @@ class ProxySMTP(SaslAuthMixin, SMTP):
             self._drop_upstream()
         await super().smtp_QUIT(arg)
 
-    # -- the mail transaction -----------------------------------------------------------
+    # -- the mail transaction (the decisions are proxy.smtp.transaction's) ----------------
+    # The smtp_* methods are aiosmtpd's entry points (before AUTH: 530); once logged in, the
+    # session's own loop calls _mail, _rcpt and _data directly (_mail_loop).
     @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None) -> None:  # noqa: N802
         if await self.check_helo_needed() or await self.check_auth_needed("MAIL"):
             return
-        if arg is None or self._strip_command_keyword("FROM:", arg) is None or _CONTROL.search(arg):
-            await self.push("501 5.5.4 Syntax: MAIL FROM:<address> [parameters]")
-            return
-        if self.envelope.mail_from is not None:
-            await self.push("503 5.5.1 Error: nested MAIL command")
-            return
-        self._broken = None
-        line = b"MAIL " + _raw(arg)
-        if self._pipelining():
-            self.upstream.send_command(line)
-            # provisionally in a transaction, so that the pipelined RCPTs go upstream too (which
-            # answers them itself if this MAIL fails)
-            self.envelope.mail_from, self._in_transaction = arg, True
-
-            def apply(reply: Reply) -> None:
-                if reply.code // 100 != 2 and self.envelope.mail_from is arg:
-                    self.envelope.mail_from, self._in_transaction = None, False
-            self._deferred.append(apply)
-            return
-        reply = await self._start_transaction(line)
-        if reply is None:
-            return  # the session was closed with 421
-        if reply.code // 100 == 2:
-            self.envelope.mail_from, self._in_transaction = arg, True
-        await self.push(reply.wire())
+        await self._mail(_raw(arg))
 
     @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_RCPT(self, arg: str | None) -> None:  # noqa: N802
         if await self.check_helo_needed() or await self.check_auth_needed("RCPT"):
             return
-        if self._broken:
-            await self.push(self._broken)
-        elif not self.envelope.mail_from or self.upstream is None:
-            await self.push("503 5.5.1 Error: need MAIL command")
-        elif arg is None or self._strip_command_keyword("TO:", arg) is None or _CONTROL.search(arg):
-            await self.push("501 5.5.4 Syntax: RCPT TO:<address> [parameters]")
-        else:
-            line = b"RCPT " + _raw(arg)
-            envelope = self.envelope
-
-            def apply(reply: Reply) -> None:
-                if reply.code // 100 == 2 and envelope is self.envelope:
-                    envelope.rcpt_tos.append(arg)
-            if self._pipelining():
-                self.upstream.send_command(line)
-                self._deferred.append(apply)
-                return
-            reply = await self._step(self.upstream.command(line, self.proxy.timeouts.reply))
-            apply(reply)
-            await self.push(reply.wire())
+        await self._rcpt(_raw(arg))
 
     @syntax("DATA")
-    async def smtp_DATA(self, arg: str) -> None:  # noqa: N802
+    async def smtp_DATA(self, arg: str | None) -> None:  # noqa: N802
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        await self._data(_raw(arg))
+
+    async def _mail(self, arg: bytes) -> None:
+        relay = self.tx.mail(arg)
+        if isinstance(relay, Reply):
+            await self.push(relay.wire())
+        elif self._pipelining():
+            self.upstream.send_command(relay.line)
+            self.tx.sent_ahead(relay)
+            self._deferred.append(relay)
+        else:
+            reply = await self._start_transaction(relay.line)
+            if reply is not None:  # (None: the session was closed with 421)
+                await self.push(self.tx.replied(relay, reply).wire())
+
+    async def _rcpt(self, arg: bytes) -> None:
+        relay = self.tx.rcpt(arg, connected=self.upstream is not None)
+        if isinstance(relay, Reply):
+            await self.push(relay.wire())
+        elif self._pipelining():
+            self.upstream.send_command(relay.line)
+            self._deferred.append(relay)
+        else:
+            reply = await self._step(self.upstream.command(relay.line, self.proxy.timeouts.reply))
+            await self.push(self.tx.replied(relay, reply).wire())
+
+    async def _data(self, arg: bytes) -> None:
         """The message is passed on as it arrives (:mod:`proxy.smtp.data`), not read whole first.
         The client's ``354`` does not wait for the upstream's: no byte of the message goes
         upstream before the upstream's own ``354``, and if it refuses DATA its reply answers the
         end of the message instead."""
-        if self._broken and self.session.authenticated and self.session.host_name:
-            await self.push(self._broken)
+        refusal = self.tx.data(arg)
+        if refusal is not None:
+            await self.push(refusal.wire())
             return
-        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
-            return
-        if not self.envelope.rcpt_tos:
-            await self.push("503 Error: need RCPT command")
-            return
-        if arg:
-            await self.push("501 Syntax: DATA")
-            return
-        started, recipients = time.monotonic(), len(self.envelope.rcpt_tos)
-        mail_from = self.envelope.mail_from  # (the envelope is reset at the end of the data)
+        started, recipients = time.monotonic(), self.tx.recipients
+        mail_from = self.tx.mail_from  # (the transaction is over at the end of the data)
         # The upstream's DATA goes out now and its reply is read before the first bytes of the
         # message are passed on: the client's 354 needs no round trip to the upstream.
         if self.upstream is None:
@@ -467,10 +499,10 @@ class ProxySMTP(SaslAuthMixin, SMTP):
             if self.transport is not None:  # (after a disconnect, no timer must be left behind)
                 self._reset_timeout()
         if send_as_denied(reply):
-            reply = self._send_as_advice(reply, mail_from)
+            reply = self._send_as_advice(reply, _text(mail_from))
         self._finish_message(reply, size, recipients, started)
-        if reply.code != 250 and self._in_transaction:  # the upstream keeps its envelope after refusing DATA
-            self._in_transaction = False
+        if reply.code != 250 and self.tx.open:  # the upstream keeps its envelope after refusing DATA
+            self.tx.open = False
             await self._relay_quietly(b"RSET")
         await self.push(reply.wire())
 
@@ -502,9 +534,9 @@ class ProxySMTP(SaslAuthMixin, SMTP):
                     refused = reply
             upstream = self.upstream
             if stream.verdict != OK:
-                if upstream is not None and self._in_transaction and refused is None:
+                if upstream is not None and self.tx.open and refused is None:
                     self._drop_upstream(polite=False)  # nothing delivered: no end of data went out
-                    self._in_transaction = False
+                    self.tx.open = False
                 continue
             if upstream is None or refused is not None:
                 continue
@@ -520,9 +552,9 @@ class ProxySMTP(SaslAuthMixin, SMTP):
                     await upstream.drain_data(timeouts.final)
                 except UpstreamError as exc:
                     self._lose(str(exc))
-        if stream.rest:  # pipelined commands after the end of data: aiosmtpd reads them next
+        if stream.rest:  # pipelined commands after the end of data: read next
             reader._buffer[0:0] = stream.rest
-        self._set_post_data_state()
+        self.tx.message_read()
         if stream.verdict == LONE_DOT_FOUND:
             log.warning("smtp %s user %s message refused: a bare CR or LF followed by a dot", self.peer, self.user)
             return Reply.of(LONE_DOT_REFUSED), stream.content_size
@@ -533,14 +565,14 @@ class ProxySMTP(SaslAuthMixin, SMTP):
         if refused is not None:
             return refused, stream.content_size
         if self.upstream is None:
-            return Reply.of(self._broken or LOST), stream.content_size
+            return Reply.of(self.tx.broken or LOST), stream.content_size
         if not data_reply:  # an empty message: the upstream's 354 is still to be read
             reply = await self._step(self.upstream.reply(timeouts.reply))
             if reply.code != 354:
                 return reply, stream.content_size
         self._reset_timeout(timeouts.final + 30)
         reply = await self._step(self.upstream.finish_message(timeouts.final, last))
-        self._in_transaction = False
+        self.tx.open = False
         return reply, stream.content_size
 
     def _finish_message(self, reply: Reply, size: int, recipients: int, started: float) -> None:
@@ -616,19 +648,14 @@ class ProxySMTP(SaslAuthMixin, SMTP):
 
     async def _end_transaction(self) -> None:
         self._set_rset_state()
-        self._broken = None
-        if self._in_transaction:
-            self._in_transaction = False
+        if self.tx.reset():
             await self._relay_quietly(b"RSET")
 
     def _lose(self, reason: str) -> Reply:
         if self.upstream is not None:
             log.warning("smtp %s user %s: mail server connection failed (%s)", self.peer, self.user, reason)
         self._drop_upstream(polite=False)
-        self._in_transaction = False
-        self._set_rset_state()  # so a new MAIL is not taken for a nested one
-        self._broken = LOST
-        return Reply.of(LOST)
+        return self.tx.lost()  # (so a new MAIL is not taken for a nested one)
 
     def _adopt(self, conn: Connection) -> None:
         self.upstream = conn
@@ -637,9 +664,14 @@ class ProxySMTP(SaslAuthMixin, SMTP):
     def _drop_upstream(self, polite: bool = True) -> None:
         conn, self.upstream = self.upstream, None
         if conn is not None:
-            conn.quit() if polite and not self._in_transaction else conn.abort()
+            conn.quit() if polite and not self.tx.open else conn.abort()
 
 
-def _raw(arg: str) -> bytes:
+def _text(arg: bytes | None) -> str | None:
+    """A command argument as aiosmtpd gave it (decoded with surrogateescape)."""
+    return arg.decode("utf-8", "surrogateescape") if arg is not None else None
+
+
+def _raw(arg: str | None) -> bytes:
     """A command argument as the client sent it (aiosmtpd decoded it with surrogateescape)."""
-    return arg.encode("utf-8", "surrogateescape")
+    return arg.encode("utf-8", "surrogateescape") if arg else b""
