@@ -108,6 +108,8 @@ class _TlsCore:
             if PLAIN_SIZE - total < _MAX_RECORD:
                 self._plain(bytes(out[:total]))
                 total = 0
+            if not self._incoming.pending and not self.ssl_object.pending():
+                break  # nothing left to decrypt: spare the read that would raise SSLWantReadError
         self._flush()  # post-handshake messages (key updates, session tickets) may need sending
         if total:
             self._plain(bytes(out[:total]))

@@ -80,6 +80,8 @@ _EVICTED = b"421 4.7.0 Too many connections waiting to log in; closing the oldes
 PRELOGIN_LINE_LIMIT = 4096
 
 _READ_SIZE = 64 * 1024    # bytes of a message taken from the client at a time (below _LINE_LIMIT: see data.py)
+_REPLY_BACKLOG = 64 * 1024  # replies written but not yet sent before the session waits for the client
+_OK = Reply.of("250 2.0.0 OK")
 _LONGEST_COMMAND = max(EXTENDED_SIZE_LIMITS["MAIL"], EXTENDED_SIZE_LIMITS["RCPT"]) + 2  # (with CRLF)
 
 
@@ -304,6 +306,19 @@ class ProxySMTP(SaslAuthMixin, SMTP):
             await self._settle()
         await self._push_now(status)
 
+    async def _answer(self, reply: Reply | bytes) -> None:
+        """:meth:`push` for the replies of the session's own loop: a :class:`Reply` (its
+        :meth:`~proxy.smtp.wire.Reply.wire` is printable ASCII already) or a fixed reply,
+        written at once; it waits for the client to read only if replies pile up unread."""
+        if self._deferred:
+            await self._settle()
+        await self._write(reply)
+
+    async def _write(self, reply: Reply | bytes) -> None:
+        self._writer.write((reply.wire() if isinstance(reply, Reply) else reply) + b"\r\n")
+        if self._writer.transport.get_write_buffer_size() > _REPLY_BACKLOG:
+            await self._writer.drain()
+
     async def _push_now(self, status: str | bytes) -> None:
         """Send a reply with every line reduced to printable ASCII: aiosmtpd echoes parts of a
         malformed command (a bare CR, a NUL, an escape sequence) in its own 500 replies."""
@@ -328,7 +343,7 @@ class ProxySMTP(SaslAuthMixin, SMTP):
                 reply = Reply.of(self.tx.broken or LOST)
             else:
                 reply = await self._step(self.upstream.reply(self.proxy.timeouts.reply))
-            await self._push_now(self.tx.replied(relay, reply).wire())
+            await self._write(self.tx.replied(relay, reply))  # (not _answer: in order)
 
     async def check_auth_needed(self, caller_method: str) -> bool:
         if not self.session.authenticated:
@@ -379,7 +394,7 @@ class ProxySMTP(SaslAuthMixin, SMTP):
         self.tx.reset()
         reply = await self._relay_quietly(b"RSET")
         self.tx.broken = None
-        await self.push(reply.wire() if reply else "250 2.0.0 OK")
+        await self._answer(reply or _OK)
 
     @syntax("NOOP [ignored]")
     async def smtp_NOOP(self, arg: str | None) -> None:  # noqa: N802
@@ -387,7 +402,7 @@ class ProxySMTP(SaslAuthMixin, SMTP):
 
     async def _noop(self, arg: bytes) -> None:
         reply = await self._relay_quietly(b"NOOP")
-        await self.push(reply.wire() if reply else "250 2.0.0 OK")
+        await self._answer(reply or _OK)
 
     @syntax("VRFY <address>")
     async def smtp_VRFY(self, arg: str) -> None:  # noqa: N802
@@ -454,7 +469,7 @@ class ProxySMTP(SaslAuthMixin, SMTP):
     async def _mail(self, arg: bytes) -> None:
         relay = self.tx.mail(arg)
         if isinstance(relay, Reply):
-            await self.push(relay.wire())
+            await self._answer(relay)
         elif self._pipelining():
             self.upstream.send_command(relay.line)
             self.tx.sent_ahead(relay)
@@ -462,18 +477,18 @@ class ProxySMTP(SaslAuthMixin, SMTP):
         else:
             reply = await self._start_transaction(relay.line)
             if reply is not None:  # (None: the session was closed with 421)
-                await self.push(self.tx.replied(relay, reply).wire())
+                await self._answer(self.tx.replied(relay, reply))
 
     async def _rcpt(self, arg: bytes) -> None:
         relay = self.tx.rcpt(arg, connected=self.upstream is not None)
         if isinstance(relay, Reply):
-            await self.push(relay.wire())
+            await self._answer(relay)
         elif self._pipelining():
             self.upstream.send_command(relay.line)
             self._deferred.append(relay)
         else:
             reply = await self._step(self.upstream.command(relay.line, self.proxy.timeouts.reply))
-            await self.push(self.tx.replied(relay, reply).wire())
+            await self._answer(self.tx.replied(relay, reply))
 
     async def _data(self, arg: bytes) -> None:
         """The message is passed on as it arrives (:mod:`proxy.smtp.data`), not read whole first.
@@ -482,7 +497,7 @@ class ProxySMTP(SaslAuthMixin, SMTP):
         end of the message instead."""
         refusal = self.tx.data(arg)
         if refusal is not None:
-            await self.push(refusal.wire())
+            await self._answer(refusal)
             return
         started, recipients = time.monotonic(), self.tx.recipients
         mail_from = self.tx.mail_from  # (the transaction is over at the end of the data)
@@ -492,7 +507,7 @@ class ProxySMTP(SaslAuthMixin, SMTP):
             self._lose("no connection")
         else:
             self.upstream.send_command(b"DATA")
-        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        await self._answer(b"354 End data with <CR><LF>.<CR><LF>")
         try:
             reply, size = await self._relay_payload()
         finally:
@@ -504,7 +519,7 @@ class ProxySMTP(SaslAuthMixin, SMTP):
         if reply.code != 250 and self.tx.open:  # the upstream keeps its envelope after refusing DATA
             self.tx.open = False
             await self._relay_quietly(b"RSET")
-        await self.push(reply.wire())
+        await self._answer(reply)
 
     async def _relay_payload(self) -> tuple[Reply, int]:
         """Read the payload in bulk and stream it upstream; returns the client's reply and the size.
