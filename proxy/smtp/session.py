@@ -6,6 +6,9 @@ VRFY) get ``530 5.7.0``. AUTH PLAIN and AUTH LOGIN run the shared login sequence
 Afterwards MAIL, RCPT, DATA, RSET and NOOP are relayed to that connection and the client gets
 the upstream's own replies. MAIL/RCPT arguments are relayed byte for byte, so every parameter
 the upstream supports passes (aiosmtpd would refuse DSN's with 555 and upper-case the rest).
+After AUTH those five commands no longer go through aiosmtpd's command loop: the session reads
+them from aiosmtpd's buffer itself (:meth:`ProxySMTP._mail_loop`), and what it decides for them
+is :mod:`proxy.smtp.transaction`'s; every other line is still aiosmtpd's to read and answer.
 
 Guarantees:
 
@@ -27,8 +30,10 @@ Guarantees:
   upstream gets the client a 4xx reply, never a silently dropped connection.
 
 aiosmtpd private API used here (the dependency is pinned below 2.0): ``_reader`` (and its
-``_buffer``), ``_reset_timeout``, ``_set_rset_state``, ``_strip_command_keyword``,
-``_original_transport`` and ``_tls_protocol`` (STARTTLS).
+``_buffer``, ``_limit``, ``_eof`` and ``_wait_for_data``: asyncio.StreamReader's, the same since
+Python 3.4), ``_writer``, ``_reset_timeout``, ``_timeout_cb``, ``_timeout_handle`` and
+``_timeout_duration`` (the per-command timer), ``_set_rset_state``, ``_original_transport`` and
+``_tls_protocol`` (STARTTLS).
 """
 
 from __future__ import annotations
@@ -179,7 +184,7 @@ class ProxySMTP(SaslAuthMixin, SMTP):
         (keeping the attributes aiosmtpd's HELP reads); once logged in, the session's own
         command loop takes over after it (:meth:`_mail_loop`)."""
         pipelinable = method.__name__ in ("smtp_MAIL", "smtp_RCPT")
-        quit = method.__name__ == "smtp_QUIT"
+        quitting = method.__name__ == "smtp_QUIT"
 
         @functools.wraps(method)
         async def run(arg: str | None) -> None:
@@ -192,7 +197,7 @@ class ProxySMTP(SaslAuthMixin, SMTP):
                 self._busy = False
                 if self.proxy.draining:
                     self.close_when_idle()
-            if self.session.authenticated and not quit:
+            if self.session.authenticated and not quitting:
                 await self._mail_loop()
         return run
 
@@ -318,6 +323,8 @@ class ProxySMTP(SaslAuthMixin, SMTP):
         self._writer.write((reply.wire() if isinstance(reply, Reply) else reply) + b"\r\n")
         if self._writer.transport.get_write_buffer_size() > _REPLY_BACKLOG:
             await self._writer.drain()
+        if self.slot is not None:
+            self.slot.waiting()  # (as _push_now: before login RSET and NOOP answer through here)
 
     async def _push_now(self, status: str | bytes) -> None:
         """Send a reply with every line reduced to printable ASCII: aiosmtpd echoes parts of a
