@@ -4,6 +4,8 @@ session's own loop takes, and what each command and upstream reply does to the t
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from proxy.smtp.transaction import LOST, Command, Relay, Transaction, parse_command
 from proxy.smtp.wire import Reply
@@ -171,3 +173,49 @@ def test_reset_says_whether_the_upstream_needs_its_own_rset() -> None:
     open_transaction(tx)
     assert tx.reset() is True
     assert not tx.open and tx.mail_from is None and tx.recipients == 0
+
+
+# ------------------------------------------------------------------ properties over any sequence
+_REPLIES = st.sampled_from([OK, REFUSED, Reply(421, (b"4.3.2 bye",)), Reply(503, (b"5.5.1 no",))])
+_STEPS = st.lists(st.tuples(st.sampled_from(["mail", "rcpt", "data", "reset", "lost", "read", "ahead", "reply"]),
+                            st.sampled_from([b"FROM:<a@b>", b"TO:<c@d>", b"", b"x"]), _REPLIES, st.booleans()),
+                  max_size=40)
+
+
+@settings(max_examples=300, deadline=None)
+@given(steps=_STEPS)
+def test_any_sequence_keeps_the_invariants(steps) -> None:
+    """The client's reply is always the upstream's own (never a 2xx it did not give); recipients
+    are only those the upstream accepted in the current transaction; DATA goes ahead only with
+    at least one and nothing broken."""
+    tx = Transaction()
+    owed: list[Relay] = []
+    for op, arg, reply, connected in steps:
+        if op in ("mail", "rcpt", "ahead"):
+            step = tx.rcpt(arg, connected) if op == "rcpt" else tx.mail(arg)
+            if isinstance(step, Relay):
+                owed.append(step)
+                if op == "ahead":  # a pipelined MAIL: sent before its reply
+                    tx.sent_ahead(step)
+            else:
+                assert step.code // 100 in (4, 5)
+        elif op == "reply" and owed:
+            relay = owed.pop(0)
+            before = tx.recipients
+            assert tx.replied(relay, reply) is reply
+            if relay.verb == "RCPT" and tx.recipients > before:
+                assert reply.code // 100 == 2 and relay.generation == tx.generation
+        elif op == "data":
+            step = tx.data(arg)
+            assert (step is None) == (tx.recipients > 0 and not tx.broken and not arg)
+        elif op == "reset":
+            tx.reset()
+        elif op == "lost":
+            tx.lost()
+        elif op == "read":
+            tx.message_read()
+        assert tx.recipients >= 0
+        if tx.mail_from is None:
+            assert tx.recipients == 0
+        if tx.broken:
+            assert tx.mail_from is None and tx.recipients == 0 and not tx.open

@@ -116,7 +116,7 @@ class Transaction:
     def sent_ahead(self, relay: Relay) -> None:
         """A pipelined MAIL went upstream before its reply: the transaction is open provisionally,
         so that the pipelined RCPTs go upstream too (which answers them itself if the MAIL fails)."""
-        if relay.verb == "MAIL":
+        if relay.verb == "MAIL" and relay.generation == self.generation:
             self.mail_from, self.open = relay.arg, True
 
     def replied(self, relay: Relay, reply: Reply) -> Reply:
@@ -125,12 +125,12 @@ class Transaction:
         ok = reply.code // 100 == 2
         current = relay.generation == self.generation
         if relay.verb == "MAIL":
-            if ok:
+            if ok and current:
                 self.mail_from, self.open = relay.arg, True
             elif current and self.mail_from is relay.arg:
                 self.mail_from, self.open = None, False
-        elif relay.verb == "RCPT" and ok and current:
-            self.recipients += 1
+        elif relay.verb == "RCPT" and ok and current and self.mail_from is not None:
+            self.recipients += 1  # (not after a pipelined MAIL that failed: the upstream has no transaction)
         return reply
 
     # -- ends of a transaction ------------------------------------------------------------
