@@ -6,6 +6,7 @@ one ``Received:`` header Dovecot adds."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import smtplib
 import socket
 import subprocess
@@ -95,11 +96,7 @@ def test_raw_pipelining_with_a_refused_recipient_and_rset(smtp_proxy, sink) -> N
     proxy = smtp_proxy()
     sink.refuse_recipient("nobody@example.org")
     body = message("pipelined", TRICKY_BODY)
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as sock:
-        replies = sock.makefile("rb")
-        plain = base64.b64encode(f"\0{SMTP_USER}\0{SMTP_PASSWORD}".encode()).decode()
-        sock.sendall(f"EHLO client.test\r\nAUTH PLAIN {plain}\r\n".encode())
-        assert read_codes(replies, 3) == [220, 250, 235]
+    with logged_in_socket(proxy) as (sock, replies):
         sock.sendall(f"MAIL FROM:<{SMTP_USER}>\r\nRCPT TO:<bob@example.org>\r\nRCPT TO:<nobody@example.org>\r\n"
                      f"DATA\r\n".encode())
         assert read_codes(replies, 4) == [250, 250, 550, 354]
@@ -118,11 +115,7 @@ def test_after_auth_the_sessions_own_loop_and_aiosmtpd_answer_in_the_order_of_th
     """After AUTH the session runs MAIL/RCPT/DATA/RSET/NOOP itself and leaves every other line to
     aiosmtpd; pipelined together, the replies still come in the order of the commands."""
     proxy = smtp_proxy()
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as sock:
-        replies = sock.makefile("rb")
-        plain = base64.b64encode(f"\0{SMTP_USER}\0{SMTP_PASSWORD}".encode()).decode()
-        sock.sendall(f"EHLO client.test\r\nAUTH PLAIN {plain}\r\n".encode())
-        assert read_codes(replies, 3) == [220, 250, 235]
+    with logged_in_socket(proxy) as (sock, replies):
         sock.sendall(f"NOOP\r\nVRFY bob\r\nMAIL FROM:<{SMTP_USER}>\r\nHELP\r\nRCPT TO:<bob@example.org>\r\n"
                      f"EHLO again.test\r\nRCPT TO:<bob@example.org>\r\nMAIL FROM:<{SMTP_USER}>\r\nBOGUS\r\n"
                      f"RCPT TO:<{'x' * 3000}@example.org>\r\nRCPT TO:<carol@example.org>\r\nDATA\r\n".encode())
@@ -132,6 +125,17 @@ def test_after_auth_the_sessions_own_loop_and_aiosmtpd_answer_in_the_order_of_th
         assert read_codes(replies, 3) == [250, 250, 221]
     assert delivered(sink, 1) == [b"Subject: mixed\r\n\r\n"]
     assert sink.messages[0].rcpt_tos == ["carol@example.org"]
+
+
+@contextlib.contextmanager
+def logged_in_socket(proxy):
+    """A raw connection to the proxy after EHLO and AUTH PLAIN: (socket, its replies as a file)."""
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as sock:
+        replies = sock.makefile("rb")
+        plain = base64.b64encode(f"\0{SMTP_USER}\0{SMTP_PASSWORD}".encode()).decode()
+        sock.sendall(f"EHLO client.test\r\nAUTH PLAIN {plain}\r\n".encode())
+        assert read_codes(replies, 3) == [220, 250, 235]
+        yield sock, replies
 
 
 def read_codes(replies, count: int) -> list[int]:
