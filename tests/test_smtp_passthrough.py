@@ -45,8 +45,18 @@ class FakeSubmission:
         self.port = self.server.sockets[0].getsockname()[1]
 
     def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.server.close)
+        asyncio.run_coroutine_threadsafe(self._end_sessions(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
+
+    async def _end_sessions(self) -> None:
+        """Stop listening and end the sessions still open (the proxy under test may not have closed
+        its upstream connections yet): a session task left pending in a stopped loop is destroyed
+        later, wherever the garbage collector happens to run, with an error in that test's log."""
+        self.server.close()
+        sessions = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        for task in sessions:
+            task.cancel()
+        await asyncio.gather(*sessions, return_exceptions=True)
 
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1

@@ -94,6 +94,8 @@ class Connection:
     def quit(self, grace: float = 2.0) -> None:
         """End the session politely without waiting: the server answers 221 and closes the
         connection itself; if it has not within ``grace`` seconds, it is dropped."""
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         if self.endpoint.is_closing:
             return
         self.endpoint.write(b"QUIT\r\n")
