@@ -29,9 +29,10 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
+from .proxyproto import Network, ProxyHeaderLayer, Rejections
 from .tlsendpoint import TlsLayer
 
 log = logging.getLogger("proxy")
@@ -128,19 +129,23 @@ class Listener:
 
     ``refusal`` is written to a connection refused for lack of descriptors; ``ssl`` (with
     ``ssl_handshake_timeout``) makes it an implicit-TLS listener (:class:`~proxy.tlsendpoint.TlsLayer`
-    under each connection's protocol).
+    under each connection's protocol); ``proxy_protocol`` returns the trusted load balancers
+    whose connections start with a PROXY protocol header (:class:`~proxy.proxyproto.ProxyHeaderLayer`
+    under everything else, read per connection so a reloaded config applies to new ones).
     """
 
     def __init__(self, name: str, sockets: list[socket.socket], factory: Callable[[], asyncio.BaseProtocol], *,
                  refusal: bytes = b"", ssl: ssl.SSLContext | None = None, ssl_handshake_timeout: float | None = None,
+                 proxy_protocol: Callable[[], Sequence[Network]] | None = None,
                  backlog: int = 1024, reserve: int = RESERVE, log_interval: float = LOG_INTERVAL,
                  clock: Callable[[], float] = time.monotonic):
         self.name = name
         self._sockets = sockets
-        self._factory = factory
         self._refusal = refusal
         self._ssl = ssl
-        self._handshake_timeout = ssl_handshake_timeout
+        self.rejections = Rejections(name)
+        self._factory = layered(factory, ssl=ssl, ssl_handshake_timeout=ssl_handshake_timeout,
+                                proxy_protocol=proxy_protocol, rejections=self.rejections)
         self._backlog = backlog
         self._reserve = reserve
         self._loop = asyncio.get_running_loop()
@@ -231,17 +236,31 @@ class Listener:
                 self._loop.add_reader(sock.fileno(), self._accept, sock)
 
     async def _connect(self, conn: socket.socket) -> None:
-        factory = self._factory
-        if self._ssl is not None:  # TLS under the protocol, without asyncio's 256 KiB per connection
-            context, timeout = self._ssl, self._handshake_timeout or 30.0
-            factory = lambda: TlsLayer(self._factory(), context, handshake_timeout=timeout)  # noqa: E731
         try:
-            await self._loop.connect_accepted_socket(factory, conn)
+            await self._loop.connect_accepted_socket(self._factory, conn)
         except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError):
             conn.close()  # a failed TLS handshake or a client gone: nothing to log per connection
         except Exception:  # noqa: BLE001 - a bug in a protocol factory must not stop the listener
             log.exception("%s: setting up a connection failed", self.name)
             conn.close()
+
+
+def layered(factory: Callable[[], asyncio.BaseProtocol], *, ssl: ssl.SSLContext | None = None,
+            ssl_handshake_timeout: float | None = None, proxy_protocol: Callable[[], Sequence[Network]] | None = None,
+            rejections: Rejections | None = None) -> Callable[[], asyncio.BaseProtocol]:
+    """``factory`` with what each accepted connection needs under its protocol: TLS for an
+    implicit-TLS listener (without asyncio's 256 KiB per connection), and under that the PROXY
+    protocol header from a trusted load balancer (it comes before the TLS handshake)."""
+    if ssl is not None:
+        plain, context, timeout = factory, ssl, ssl_handshake_timeout or 30.0
+        factory = lambda: TlsLayer(plain(), context, handshake_timeout=timeout)  # noqa: E731
+    if proxy_protocol is not None:
+        inner, tally = factory, rejections or Rejections("listener")
+
+        def factory() -> asyncio.BaseProtocol:
+            networks = proxy_protocol()
+            return ProxyHeaderLayer(inner(), networks, tally) if networks else inner()
+    return factory
 
 
 async def listen(name: str, host: str, port: int, factory: Callable[[], asyncio.BaseProtocol], *,
@@ -295,10 +314,10 @@ class _AsyncioListener:
     @classmethod
     async def serve(cls, name: str, sockets: list[socket.socket], factory: Callable[[], asyncio.BaseProtocol],
                     loop: asyncio.AbstractEventLoop, *, backlog: int = 1024, ssl: ssl.SSLContext | None = None,
-                    ssl_handshake_timeout: float | None = None, **_: Any) -> "_AsyncioListener":
-        if ssl is not None:
-            plain, context, timeout = factory, ssl, ssl_handshake_timeout or 30.0
-            factory = lambda: TlsLayer(plain(), context, handshake_timeout=timeout)  # noqa: E731
+                    ssl_handshake_timeout: float | None = None,
+                    proxy_protocol: Callable[[], Sequence[Network]] | None = None, **_: Any) -> "_AsyncioListener":
+        factory = layered(factory, ssl=ssl, ssl_handshake_timeout=ssl_handshake_timeout,
+                          proxy_protocol=proxy_protocol, rejections=Rejections(name))
         servers = [await loop.create_server(factory, sock=sock, backlog=backlog) for sock in sockets]
         return cls(name, servers)
 

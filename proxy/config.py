@@ -109,6 +109,9 @@ class ListenerConfig:
     tls_listen: Address | None = None  # a second listener with implicit TLS (IMAPS, SMTPS, POP3S)
     via_http_proxy: bool = False       # reach the upstream through the web proxy (HTTP CONNECT)
     upstream_proxy: WebProxy | None = None  # that proxy, unless NO_PROXY names the upstream host
+    # Load balancers (networks) whose connections must start with a PROXY protocol header
+    # (proxy/proxyproto.py); empty: none, every connection is a client's own.
+    proxy_protocol: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
     @property
     def uses_tls(self) -> bool:
@@ -636,6 +639,7 @@ def _listener(section: "_Section", listen: str, upstream: str, tls_modes: tuple[
         tls_listen=section.address("tls_listen", "") if section.data.get("tls_listen") is not None else None,
         via_http_proxy=via_http_proxy,
         upstream_proxy=web_proxy if via_http_proxy and not web_proxy.bypass(upstream_address.host) else None,
+        proxy_protocol=_balancers(section),
     )
     if config.plaintext_exposed and not config.allow_plaintext:
         raise ConfigError(
@@ -645,6 +649,42 @@ def _listener(section: "_Section", listen: str, upstream: str, tls_modes: tuple[
             f"{name}.allow_plaintext: true if you really mean it")
     section.done()
     return config
+
+
+def _balancers(section: "_Section") -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """``proxy_protocol``: the load balancers (addresses or CIDR networks) trusted to send a PROXY
+    protocol header; a list, or one text with commas (as an environment variable gives it)."""
+    key = f"{section.prefix}.proxy_protocol"
+    value = section._get("proxy_protocol", False)
+    if value is None or value is False or value == []:
+        return ()
+    if isinstance(value, str):
+        value = [entry for entry in re.split(r"[,\s]+", value) if entry]
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{key}: expected a list of the load balancers' addresses or networks, for example "
+                          f"[10.0.0.5] or [10.0.0.0/24], got {_kind(value)}: a PROXY protocol header is trusted "
+                          "from them only")
+    networks = []
+    for entry in value:
+        if isinstance(entry, bool) or not isinstance(entry, (str, int)):
+            raise ConfigError(f"{key}: expected addresses or networks such as 10.0.0.5 or 10.0.0.0/24, "
+                              f"got {_kind(entry)}")
+        text = str(entry).strip()
+        try:
+            network = ipaddress.ip_network(text)
+        except ValueError:
+            try:
+                loose = ipaddress.ip_network(text, strict=False)
+            except ValueError:
+                raise ConfigError(f"{key}: {text!r} is not an IP address or network (CIDR, such as 10.0.0.0/24); "
+                                  "give addresses, not host names: trust must not depend on DNS") from None
+            raise ConfigError(f"{key}: {text} has bits set after its prefix length (did you mean {loose}, "
+                              f"or the single address {text.split('/')[0]}?)") from None
+        if network.prefixlen == 0:
+            raise ConfigError(f"{key}: {network} would trust every address, so anyone could claim any client "
+                              "address; name the load balancers' addresses or their network")
+        networks.append(network)
+    return tuple(dict.fromkeys(networks))
 
 
 def _starttls_mode(section: "_Section") -> str:

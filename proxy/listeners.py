@@ -32,6 +32,11 @@ class Listeners:
 
     _logins: dict[object, tuple[AccountConfig, Callable[[str], None]]] | None = None
 
+    @property
+    def settings(self) -> ListenerConfig:
+        """The protocol's config section as it is now (after a reload, the new one)."""
+        raise NotImplementedError
+
     def track_session(self, key: object, account: AccountConfig, close: Callable[[str], None]) -> None:
         """A client logged in as ``account``; ``close(reason)`` ends its session (see :meth:`close_sessions`)."""
         if self._logins is None:
@@ -79,15 +84,23 @@ class Listeners:
                       server_tls: ssl.SSLContext | None, upstream_note: str = "", *,
                       refusal: bytes = b"") -> Listener:
         """``refusal``: the protocol's "too many connections" line, for connections refused when
-        the process is nearly out of file descriptors."""
-        self.server = await listen(name, settings.listen.host, settings.listen.port, plain, refusal=refusal)
-        log.info("%s listening on %s%s, upstream %s%s", name, _socknames(self.server),
-                 _STARTTLS_NOTES.get(settings.starttls, " (STARTTLS offered)"), settings.upstream, upstream_note)
+        the process is nearly out of file descriptors. Both listeners take the PROXY protocol
+        header from the load balancers in the section's ``proxy_protocol`` (read per connection:
+        a reload applies it to new connections)."""
+        def trusted() -> tuple:
+            return self.settings.proxy_protocol
+        self.server = await listen(name, settings.listen.host, settings.listen.port, plain, refusal=refusal,
+                                   proxy_protocol=trusted)
+        balancers = (f"; PROXY protocol header required from {', '.join(map(str, settings.proxy_protocol))}"
+                     if settings.proxy_protocol else "")
+        log.info("%s listening on %s%s, upstream %s%s%s", name, _socknames(self.server),
+                 _STARTTLS_NOTES.get(settings.starttls, " (STARTTLS offered)"), settings.upstream, upstream_note,
+                 balancers)
         if settings.tls_listen is not None:
             address = settings.tls_listen
             self.tls_server = await listen(f"{name}S", address.host, address.port, tls, ssl=server_tls,
-                                           ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
-            log.info("%sS (implicit TLS) listening on %s", name, _socknames(self.tls_server))
+                                           ssl_handshake_timeout=HANDSHAKE_TIMEOUT, proxy_protocol=trusted)
+            log.info("%sS (implicit TLS) listening on %s%s", name, _socknames(self.tls_server), balancers)
         return self.server
 
     @property

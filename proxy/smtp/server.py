@@ -19,7 +19,7 @@ import ssl
 from dataclasses import dataclass
 
 from ..admission import Admission
-from ..config import Config
+from ..config import Config, ListenerConfig
 from ..listeners import Listeners
 from ..login import Upstream
 from ..throttle import FailureThrottle
@@ -86,6 +86,10 @@ class SmtpProxy(Listeners):
             connect=connect, authenticate=upstream.authenticate,
             is_closed=lambda conn: conn.is_closed, close=lambda conn: conn.abort())
         self.extensions = UpstreamExtensions(probe, timeout=timeouts.probe)
+
+    @property
+    def settings(self) -> ListenerConfig:
+        return self.config.smtp
 
     async def start(self) -> asyncio.AbstractServer:
         # aiosmtpd logs every command (and message lines at DEBUG), and warns about its own
