@@ -7,7 +7,8 @@
   per test; faults: every connection terminated, a restart; ``pg_dump`` of a database.
 - :class:`HAProxy`: Debian's HAProxy in ``mode tcp`` in front of the replicas' IMAP and SMTP
   listeners, round robin, no stickiness, health-checking each replica's ``/readyz`` on its admin
-  listener, retrying a connection refused by a dead replica on another one.
+  listener, retrying a connection refused by a dead replica on another one; other frontends
+  (:class:`Route`: the PROXY protocol, a claimed client address) for tests/test_proxy_protocol.py.
 - :class:`Replicas`: N `proxy serve` processes (tests/harness.py's ProxyProcess) for the same
   accounts on one store (a PostgreSQL DSN, or one token folder on this host), each with its own
   listeners and admin port; kill -9, restart, and `proxy authorize` against the shared store.
@@ -24,6 +25,7 @@ import signal
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -141,17 +143,31 @@ class PostgresServer:
         return result.stdout
 
 
+@dataclass(frozen=True)
+class Route:
+    """One HAProxy frontend (``name``, on a free port) to each replica's ``target`` port (a key of
+    its ports: imap, smtp, ...), with options for each server line (``send-proxy-v2``) and extra
+    frontend lines (``tcp-request connection set-src ...``)."""
+
+    name: str
+    target: str
+    server_options: str = ""
+    frontend_lines: tuple[str, ...] = ()
+
+
 class HAProxy:
     """HAProxy in ``mode tcp``: one frontend per protocol, round robin over the replicas, no
     stickiness, ``/readyz`` as the health check, a refused connection retried on another replica."""
 
-    def __init__(self, directory: Path, replicas: list[dict[str, int]]):
+    def __init__(self, directory: Path, replicas: list[dict[str, int]],
+                 routes: tuple[Route, ...] = (Route("imap", "imap"), Route("smtp", "smtp"))):
         self.binary = shutil.which("haproxy") or "/usr/sbin/haproxy"
         if not os.access(self.binary, os.X_OK):
             raise Missing(f"haproxy not found: install {PACKAGES} (bash tests/run.sh does)")
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
-        self.ports = {"imap": free_port(), "smtp": free_port()}
+        self.routes = routes
+        self.ports = {route.name: free_port() for route in routes}
         self.config_path = directory / "haproxy.cfg"
         self.config_path.write_text(self.config_text(replicas))
         self.log_path = directory / "haproxy.log"
@@ -161,13 +177,15 @@ class HAProxy:
         lines = ["global", "    maxconn 5000", "defaults", "    mode tcp", "    timeout connect 3s",
                  "    timeout client 1h", "    timeout server 1h", "    timeout check 2s", "    retries 3",
                  "    option redispatch 1", ""]
-        for protocol, port in self.ports.items():
-            lines += [f"frontend {protocol}", f"    bind 127.0.0.1:{port}", f"    default_backend {protocol}_replicas",
-                      "", f"backend {protocol}_replicas", "    balance roundrobin", "    option httpchk GET /readyz",
+        for route in self.routes:
+            name = route.name
+            lines += [f"frontend {name}", f"    bind 127.0.0.1:{self.ports[name]}",
+                      *(f"    {line}" for line in route.frontend_lines), f"    default_backend {name}_replicas",
+                      "", f"backend {name}_replicas", "    balance roundrobin", "    option httpchk GET /readyz",
                       "    http-check expect status 200"]
             for index, replica in enumerate(replicas):
-                lines.append(f"    server r{index} 127.0.0.1:{replica[protocol]} check port {replica['admin']} "
-                             "inter 500ms fall 2 rise 1")
+                lines.append(f"    server r{index} 127.0.0.1:{replica[route.target]} check port {replica['admin']} "
+                             f"inter 500ms fall 2 rise 1 {route.server_options}".rstrip())
             lines.append("")
         return "\n".join(lines)
 
