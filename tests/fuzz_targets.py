@@ -1,6 +1,6 @@
 """Drivers for the hostile-input suites, shared by hypothesis and atheris.
 
-Four targets, each a function of one ``bytes`` input that raises (AssertionError or the
+Five targets, each a function of one ``bytes`` input that raises (AssertionError or the
 escaped exception) when the code under test misbehaves:
 
 - ``imap``: the pre-authentication IMAP core (:class:`proxy.imap.core.ImapFront`), fed in
@@ -11,7 +11,9 @@ escaped exception) when the code under test misbehaves:
   password) and a fake upstream that accepts everything;
 - ``pop3``: the pre-authentication POP3 core (:class:`proxy.pop3.core.Pop3Front`), fed in
   chunks or line by line (then each command line must get exactly one reply, or start a login);
-- ``sasl``: the SASL decoders (:mod:`proxy.sasl`).
+- ``sasl``: the SASL decoders (:mod:`proxy.sasl`);
+- ``proxyproto``: the PROXY protocol header parser (:func:`proxy.proxyproto.parse_header`): a
+  header, "read more" or an error, consistent for every prefix and extension of the input.
 
 Properties checked on every input: no exception escapes; every reply line is well formed
 (IMAP ``tag SP text CRLF`` in printable ASCII; SMTP ``ddd[ -]text CRLF``, one code per reply;
@@ -488,7 +490,42 @@ def smtp_input(data: bytes) -> None:
     _loop.run_until_complete(smtp_session(chunks, each_line_answered=not size))
 
 
-TARGETS = {"imap": imap_input, "sasl": sasl_input, "smtp": smtp_input, "pop3": pop3_input}
+# ------------------------------------------------------------------------------- PROXY protocol
+def proxyproto_input(data: bytes) -> None:
+    """``parse_header`` on ``data`` and on a prefix of it: bounded, and never changing its mind."""
+    import ipaddress
+
+    from proxy.proxyproto import MAX_HEADER, HeaderError, parse_header
+
+    def parse(chunk: bytes):
+        try:
+            return parse_header(chunk)
+        except HeaderError as exc:
+            assert str(exc) and "\n" not in str(exc)
+            return exc
+
+    whole = parse(data)
+    if whole is None:  # "read more" only while a header could still fit
+        assert len(data) < MAX_HEADER, len(data)
+    elif not isinstance(whole, HeaderError):
+        assert 16 <= whole.length <= MAX_HEADER or 15 <= whole.length <= 107, whole
+        assert whole.length <= len(data) and whole.version in (1, 2)
+        assert parse(data[:whole.length]) == whole and parse(data[:whole.length - 1]) is None
+        for address in (whole.source, whole.destination):
+            if address is not None:
+                ipaddress.ip_address(address[0])
+                assert 0 <= address[1] <= 65535
+        assert (whole.source is None) == (whole.destination is None)
+    cut = data[0] % (len(data) + 1) if data else 0
+    prefix = parse(data[:cut])
+    if isinstance(prefix, HeaderError):  # an error is final: more input never makes it a header
+        assert isinstance(whole, HeaderError), (cut, whole)
+    elif prefix is not None:             # so is a header: what follows it is the client's
+        assert prefix == whole, (cut, prefix, whole)
+
+
+TARGETS = {"imap": imap_input, "sasl": sasl_input, "smtp": smtp_input, "pop3": pop3_input,
+           "proxyproto": proxyproto_input}
 
 
 # ------------------------------------------------------------------------------- seeds
@@ -528,6 +565,13 @@ SEEDS: dict[str, list[bytes]] = {
         b"\x03\x00USER a\r\nPASS b\r\nAUTH PLAIN\r\nSTLS\r\nUSER a\r\nPASS b\r\n",
         b"\x00\x07APOP a b\r\nNOOP\r\nUSER \xff\r\nPASS\r\n" + b"x" * 70 + b"\r\n",
     ],
+    "proxyproto": [
+        b"PROXY TCP4 198.51.100.7 10.0.0.2 56324 1143\r\na1 LOGIN x y\r\n",
+        b"PROXY TCP6 2001:db8::7 2001:db8::1 40000 993\r\n", b"PROXY UNKNOWN\r\n", b"PROXY TCP4 1.2.3.4\r",
+        b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x0c\xc6\x33\x64\x07\x0a\x00\x00\x02\xdb\xe4\x04\x77\x16\x03",
+        b"\r\n\r\n\x00\r\nQUIT\n\x21\x21\x00\x2a" + bytes(range(36)) + b"\x05\x00\x03abc",
+        b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00", b"\r\n\r\n\x00\r\nQUIT\n\x21\x31\x00\xd8" + b"\0" * 216,
+    ],
     "sasl": [_PLAIN, _b64(b"a\0b\0c"), _b64(b"pw"), b"=", b"*", b"AGFsaWNlAHB3\r\n",
              _b64(b'{"status":"401","schemes":"bearer","scope":"mail"}'), b"eyJzdGF0dXMiOiI0MDAifQ"],
 }
@@ -537,6 +581,8 @@ DICTIONARY: dict[str, list[bytes]] = {
     "smtp": [b"EHLO ", b"HELO ", b"AUTH ", b"PLAIN", b"LOGIN", b"MAIL FROM:<", b"RCPT TO:<", b"DATA", b"RSET",
              b"NOOP", b"QUIT", b"\r\n", b"\r\n.\r\n", b"*", b"=", _PLAIN, b"SIZE=", b"BODY=8BITMIME"],
     "sasl": [b"=", b"==", b"\x00", b"\x01", b"auth=Bearer ", b"user="],
+    "proxyproto": [b"PROXY ", b"TCP4 ", b"TCP6 ", b"UNKNOWN", b"\r\n", b"\r\n\r\n\x00\r\nQUIT\n", b"\x21",
+                   b"\x20", b"\x11", b"\x21", b"\x00\x0c", b"\x00\x24", b"127.0.0.1 ", b"::1 ", b"65535"],
     "pop3": [b"USER ", b"PASS ", b"AUTH", b" PLAIN", b"CAPA", b"STLS", b"QUIT", b"APOP", b"STAT", b"RETR 1",
              b"\r\n", b"*", b"=", _PLAIN],
 }
@@ -565,7 +611,7 @@ def main() -> None:
     # Coverage feedback from the code under test only (instrumenting the standard library's email
     # package, which aiosmtpd imports, would cost seconds of start-up for nothing).
     modules = {"imap": ["proxy.imap.core"], "sasl": ["proxy.sasl"], "smtp": ["aiosmtpd.smtp", "proxy.smtp.session"],
-               "pop3": ["proxy.pop3.core", "proxy.lines"]}
+               "pop3": ["proxy.pop3.core", "proxy.lines"], "proxyproto": ["proxy.proxyproto"]}
     with atheris.instrument_imports(include=["proxy", "aiosmtpd"]):
         for module in modules[target]:
             __import__(module)

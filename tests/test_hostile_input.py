@@ -1,6 +1,6 @@
 """Hostile input before authentication: property tests (hypothesis) and a bounded fuzzer run (atheris)
-over the IMAP and POP3 cores, the SMTP front (aiosmtpd with the proxy's AUTH, in memory) and the SASL
-decoders.
+over the IMAP and POP3 cores, the SMTP front (aiosmtpd with the proxy's AUTH, in memory), the SASL
+decoders and the PROXY protocol header parser.
 
 The drivers and the properties they check live in tests/fuzz_targets.py: no exception escapes,
 every reply line is well formed, each command line gets a reply, memory per connection is
@@ -23,7 +23,8 @@ from hypothesis import strategies as st
 
 from proxy.smtp.session import ProxySMTP
 from tests import fuzz_targets
-from tests.fuzz_targets import SMTP_PASSWORD, SMTP_USER, imap_input, pop3_input, sasl_input, smtp_session
+from tests.fuzz_targets import (SMTP_PASSWORD, SMTP_USER, imap_input, pop3_input, proxyproto_input, sasl_input,
+                                smtp_session)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -224,6 +225,21 @@ def test_fuzz_sasl_decoders(data: bytes) -> None:
     sasl_input(data)
 
 
+_V1_WORDS = st.sampled_from([b"PROXY", b"TCP4", b"TCP6", b"UNKNOWN", b"1.2.3.4", b"01.2.3.4", b"::1", b"fe80::1%0",
+                             b"2001:db8::7", b"0", b"65535", b"65536", b"007", b"", b"\xff"])
+
+
+@settings(max_examples=400, deadline=None)
+@given(data=st.one_of(
+    st.binary(max_size=200), st.sampled_from(fuzz_targets.SEEDS["proxyproto"]),
+    st.builds(lambda words, end, rest: b" ".join(words) + end + rest, st.lists(_V1_WORDS, max_size=7),
+              st.sampled_from([b"\r\n", b"\r", b"\n", b""]), st.binary(max_size=8)),
+    st.builds(lambda head, length, body: b"\r\n\r\n\x00\r\nQUIT\n" + head + length.to_bytes(2, "big") + body,
+              st.binary(min_size=2, max_size=2), st.integers(0, 1100), st.binary(max_size=80))))
+def test_fuzz_proxyproto_driver(data: bytes) -> None:
+    proxyproto_input(data)
+
+
 def test_seeds_pass_the_drivers() -> None:
     for seed in fuzz_targets.SEEDS["imap"]:
         imap_input(seed)
@@ -233,6 +249,8 @@ def test_seeds_pass_the_drivers() -> None:
         fuzz_targets.smtp_input(seed)
     for seed in fuzz_targets.SEEDS["pop3"]:
         pop3_input(seed)
+    for seed in fuzz_targets.SEEDS["proxyproto"]:
+        proxyproto_input(seed)
 
 
 # ------------------------------------------------------------------ atheris, for a bounded time
@@ -243,7 +261,7 @@ FUZZ_SECONDS = int(os.environ.get("FUZZ_SECONDS", "20"))
 @pytest.mark.skipif(not sys.platform.startswith("linux") or platform.machine() != "x86_64",
                     reason="atheris ships wheels for Linux x86-64 only")
 def test_atheris_fuzzers_find_nothing(tmp_path: Path) -> None:
-    """Each target runs FUZZ_SECONDS (default 20) under libFuzzer, the four side by side; a crash,
+    """Each target runs FUZZ_SECONDS (default 20) under libFuzzer, all side by side; a crash,
     a timeout (10 s for one input) or more than 1 GiB of memory fails the test with the input."""
     try:
         import atheris  # noqa: F401
