@@ -15,6 +15,8 @@ addresses), never anything secret. Names::
     proxy_token_store_up                             1 while the token store can be reached (PostgreSQL)
     proxy_config_reloads_total{result}               ok, refused
     proxy_config_last_reload_timestamp_seconds       last successful (re)load of the config
+    proxy_proxy_protocol_refused_total{listener}     connections from a trusted load balancer closed for
+                                                     a missing or invalid PROXY protocol header
 
 The relayed byte counts of open IMAP and POP3 sessions are read when scraped (the relay itself counts
 bytes anyway), so the data path pays nothing per packet.
@@ -143,6 +145,9 @@ class Metrics:
                                       registry=registry)
         self.config_loaded = Gauge("proxy_config_last_reload_timestamp_seconds",
                                    "Unix time of the last successful configuration (re)load", registry=registry)
+        self.proxy_protocol_refused = Counter(
+            "proxy_proxy_protocol_refused", "Connections from a trusted load balancer closed for a missing or "
+            "invalid PROXY protocol header", ["listener"], registry=registry)
         self.relayed = RelayedBytes()
         registry.register(self.relayed)  # type: ignore[arg-type]
         #: Set by `proxy serve`: returns (account, access token expiry as Unix time or None) pairs.

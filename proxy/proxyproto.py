@@ -35,6 +35,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
 
+from .metrics import METRICS
+
 log = logging.getLogger("proxy")
 
 V1_PREFIX = b"PROXY "
@@ -198,6 +200,7 @@ class Rejections:
 
     def note(self, peer: Any, reason: str) -> None:
         self.total += 1
+        METRICS.proxy_protocol_refused.labels(self.name.lower()).inc()
         self._since_log += 1
         now = self.clock()
         if self._logged_at is None or now - self._logged_at >= LOG_INTERVAL:

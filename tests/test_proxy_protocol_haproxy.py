@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import free_port
+from tests.opsbed import sample, scrape
 from tests.replicas import HAProxy, Replicas, Route
 
 PASSWORD = "proxied password 1"
@@ -204,3 +205,6 @@ def test_a_trusted_address_without_a_header_is_closed(bed: Bed) -> None:
         assert 4.5 <= time.monotonic() - started < 9
     log = wait_for_log(bed, "(a trusted load balancer: proxy_protocol) closed")
     assert "secret" not in log
+    metrics = scrape(bed.direct["admin"])
+    assert [sample(metrics, "proxy_proxy_protocol_refused_total", listener=name) for name in ("imap", "imaps", "smtp")] \
+        == [2, 1, 1]

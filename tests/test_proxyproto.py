@@ -235,12 +235,16 @@ def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 30))
 
 
+async def greeter_trusting(network: str):
+    """A plain listener of Greeters that trusts ``network``: (listener, port)."""
+    Greeter.made = []
+    server = await listen("IMAP", "127.0.0.1", 0, Greeter, proxy_protocol=lambda: (ipaddress.ip_network(network),))
+    return server, server.sockets[0].getsockname()[1]
+
+
 def test_trusted_balancer_header_gives_the_client_address_before_the_greeting() -> None:
     async def main():
-        Greeter.made = []
-        server = await listen("IMAP", "127.0.0.1", 0, Greeter,
-                              proxy_protocol=lambda: (ipaddress.ip_network("127.0.0.1"),))
-        port = server.sockets[0].getsockname()[1]
+        server, port = await greeter_trusting("127.0.0.1")
         try:
             # v1, with the client's first command in the same segment
             reader, writer = await _connect(port)
@@ -273,10 +277,7 @@ def test_untrusted_address_header_is_ordinary_input_and_trusted_without_header_i
     monkeypatch.setattr(proxyproto, "HEADER_TIMEOUT", 0.5)
 
     async def main():
-        Greeter.made = []
-        server = await listen("IMAP", "127.0.0.1", 0, Greeter,
-                              proxy_protocol=lambda: (ipaddress.ip_network("127.0.0.1"),))
-        port = server.sockets[0].getsockname()[1]
+        server, port = await greeter_trusting("127.0.0.1")
         try:
             # from 127.0.0.2 (not trusted): greeted at once with its own address; a header is data
             reader, writer = await _connect(port, source="127.0.0.2")
