@@ -315,6 +315,7 @@ class IdentityProvider:
             self._device_flow_blocked = False
             self.refresh_token_lifetime = 90 * 86400
             self.strict_rotation = False
+            self.refuse_reuse = True
             self._refresh_log: list[dict[str, Any]] = []
             self._next_user: str | None = None
             self._deny_next = False
@@ -369,12 +370,14 @@ class IdentityProvider:
             return {"user": record.user, "client_id": record.client_id, "scope": record.scope,
                     "issued_at": record.issued_at, "expires_at": record.expires_at, "revoked": record.revoked}
 
-    def set_strict_rotation(self, strict: bool = True) -> None:
-        """Revoke a refresh token as soon as it is redeemed (stricter than Microsoft, whose old refresh
-        tokens stay valid): a second redemption of the same one gets ``invalid_grant``, so any
-        double refresh by two processes shows."""
+    def set_strict_rotation(self, strict: bool = True, refuse_reuse: bool = True) -> None:
+        """Watch for refresh tokens redeemed twice, so any double refresh by two processes shows
+        (``token:reused_refresh_token``, ``reused`` in :meth:`refresh_log`). With ``refuse_reuse``
+        the second redemption gets ``invalid_grant`` (stricter than Microsoft); without, it is
+        answered as Microsoft does, whose old refresh tokens stay valid, and only recorded."""
         with self._lock:
             self.strict_rotation = bool(strict)
+            self.refuse_reuse = bool(refuse_reuse)
 
     def refresh_log(self) -> list[dict[str, Any]]:
         """Every refresh_token grant so far: ``time``, ``user``, ``family`` (the sign-in it descends
@@ -624,7 +627,8 @@ class IdentityProvider:
                 if old.redeemed and self.strict_rotation:
                     entry["result"] = "reused"
                     self._counters["token:reused_refresh_token"] += 1
-                    raise OAuthError(70008)
+                    if self.refuse_reuse:
+                        raise OAuthError(70008)
                 if old.revoked:
                     entry["result"] = "50173"
                     raise OAuthError(50173)

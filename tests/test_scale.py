@@ -288,6 +288,9 @@ def fault_run(tmp_path: Path, idp, pki, dovecot, *, count: int, faults: dict[flo
     replicas = Replicas(tmp_path / "replicas", idp=idp, pki=pki, dovecot=dovecot, accounts=accounts, count=count,
                         tokens=tokens, limits={"login_timeout": 25})
     idp.reset_counters()
+    # A second redemption of a refresh token is recorded, and answered as Microsoft does (its old
+    # refresh tokens stay valid): check_run() allows one only where kill -9 explains it.
+    idp.set_strict_rotation(True, refuse_reuse=False)
     authorized_at = {}                    # wall-clock time (as the identity provider's log) of each sign-in
     for account in accounts:
         authorized_at[account] = time.time()
@@ -309,7 +312,7 @@ def fault_run(tmp_path: Path, idp, pki, dovecot, *, count: int, faults: dict[flo
         run.events["revoke"], run.events["revoke_wall"] = time.monotonic(), time.time()
         for at, fault in sorted(faults.items()):
             time.sleep(max(0.0, run.start + at - time.monotonic()))
-            run.events[fault] = time.monotonic()
+            run.events[fault], run.events[f"{fault}_wall"] = time.monotonic(), time.time()
             if fault == "kill":
                 victim = count - 1
                 replicas.kill(victim)
@@ -361,10 +364,20 @@ def check_run(run: Run, idp, replicas: Replicas, accounts: list[str], changer: s
     refreshes = idp.refresh_log()
     figures: dict = {"reauthorization_seen_s": measured}
 
-    # Zero invalid_grant: no refresh token was ever redeemed twice, and none but the revoked
-    # account's was refused.
-    assert counters.get("token:reused_refresh_token", 0) == 0, refreshes
-    refused = [r for r in refreshes if r["result"] != "ok"]
+    # No refresh token was redeemed twice, but for one case that no coordination can prevent: the
+    # replica killed with -9 had redeemed one and died before it could store the new one (then
+    # the next refresh, after its lease, redeems the old one again; Microsoft accepts that). So a
+    # second redemption passes only once, after the kill, of a sign-in refreshed just before it.
+    kill_wall = run.events.get("kill_wall")
+    reused = [r for r in refreshes if r["result"] == "reused"]
+    assert counters.get("token:reused_refresh_token", 0) == len(reused) <= 1, refreshes
+    for entry in reused:
+        assert kill_wall is not None and entry["time"] > kill_wall and any(
+            r["family"] == entry["family"] and r["result"] == "ok" and kill_wall - 3.0 <= r["time"] <= kill_wall
+            for r in refreshes), (entry, kill_wall, refreshes)
+    figures["reused_after_kill"] = len(reused)
+    # Zero invalid_grant but the revoked account's.
+    refused = [r for r in refreshes if r["result"] not in ("ok", "reused")]
     assert all(r["user"] == revoked for r in refused), refused
     assert counters.get("invalid_grant", 0) == len(refused) == 1, refused   # the revoked account: refused once
 
@@ -375,7 +388,7 @@ def check_run(run: Run, idp, replicas: Replicas, accounts: list[str], changer: s
     families: dict[str, list[float]] = {}
     owners: dict[str, str] = {}
     for entry in refreshes:
-        if entry["result"] == "ok" and entry["time"] <= run.events["end_wall"]:
+        if entry["result"] in ("ok", "reused") and entry["time"] <= run.events["end_wall"]:
             families.setdefault(entry["family"], []).append(entry["time"])
             owners[entry["family"]] = entry["user"]
     short, alone = [], 0
