@@ -114,6 +114,7 @@ class ProxyProcess:
         self.pop3_port = listen_port(config_path, "pop3")  # None without a pop3 section
         try:
             wait_port("127.0.0.1", self.imap_port, process=self.process)
+            wait_port("127.0.0.1", self.smtp_port, process=self.process)  # (bound after IMAP's)
             if self.pop3_port is not None:
                 wait_port("127.0.0.1", self.pop3_port, process=self.process)
         except Exception:
