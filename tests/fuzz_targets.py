@@ -92,7 +92,7 @@ POP3_REPLY = re.compile(rb"(\+OK|-ERR)( [\x20-\x7e]*)?\r\n|\+ \r\n"
 def pop3_input(data: bytes) -> None:
     """Feed ``data[2:]`` to a Pop3Front in chunks of ``data[1]`` bytes (0: one line at a time, and
     then every line must get exactly one reply or start one login); ``data[0]`` holds options."""
-    from proxy.pop3.core import Pop3Front, State
+    from proxy.pop3.core import Pop3Front
 
     flags = data[0] if data else 0
     size = data[1] if len(data) > 1 else 0

@@ -8,7 +8,6 @@ check that no secret ever reaches them).
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import struct
 import subprocess

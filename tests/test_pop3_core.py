@@ -85,7 +85,7 @@ def test_unusable_passwords_fail_as_a_login(password):
 
 def test_pass_uses_up_user():
     front = Pop3Front()
-    events = feed(front, b"USER alice\r\nPASS one\r\n")
+    feed(front, b"USER alice\r\nPASS one\r\n")
     front.login_failed("AUTH", "Wrong password")
     assert lines(feed(front, b"PASS two\r\n")) == [b"-ERR Send USER first\r\n"]
 

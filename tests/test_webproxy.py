@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import imaplib
-import os
 import poplib
 import smtplib
 import subprocess
@@ -20,7 +19,7 @@ import pytest
 
 from proxy.config import ConfigError, parse_config
 from proxy.tokens.identity import HttpSession
-from proxy.webproxy import ProxyUrlError, WebProxy, _Connect, parse_proxy_url, proxy_from
+from proxy.webproxy import ProxyUrlError, _Connect, parse_proxy_url, proxy_from
 from tests.harness import ROOT, ProxyProcess, authorize, free_port, pop3_section, proxy_env, write_config
 from tests.webproxy import TinyProxy
 
