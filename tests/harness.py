@@ -113,7 +113,7 @@ class ProxyProcess:
         self.pop3_port = listen_port(config_path, "pop3")  # None without a pop3 section
         try:
             wait_port("127.0.0.1", self.imap_port, process=self.process)
-            wait_port("127.0.0.1", self.smtp_port, process=self.process)  # (bound after IMAP's)
+            self._wait_logged("SMTP listening on ", f":{self.smtp_port}")  # (bound after IMAP's)
             if self.pop3_port is not None:
                 wait_port("127.0.0.1", self.pop3_port, process=self.process)
         except Exception:
@@ -123,6 +123,15 @@ class ProxyProcess:
     @property
     def pid(self) -> int:
         return self.process.pid
+
+    def _wait_logged(self, *parts: str, timeout: float = 15.0) -> None:
+        """Wait for a log line holding all ``parts`` (a listener's line: connecting to it instead
+        would make a session, which tests that count sessions would see)."""
+        deadline = time.monotonic() + timeout
+        while not any(all(p in line for p in parts) for line in self.log_text().splitlines()):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"proxy did not log {parts!r}")
+            time.sleep(0.05)
 
     def log_text(self) -> str:
         self._log.flush()
