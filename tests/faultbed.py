@@ -187,8 +187,14 @@ class Client:
         self.received = b""
         self._buffer = b""
 
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
+    def send(self, data: bytes, may_be_cut_off: bool = False) -> None:
+        """Send ``data``; with ``may_be_cut_off`` the server may close before it has all of it
+        (it refuses an oversized line and closes: the rest then meets a reset, which is fine)."""
+        try:
+            self.sock.sendall(data)
+        except (BrokenPipeError, ConnectionResetError):
+            if not may_be_cut_off:
+                raise
 
     def line(self) -> bytes:
         """The next line (b"" at end of stream)."""
