@@ -12,10 +12,13 @@ Exchange Online's (/work/shared/notes/m365-facts.md):
   (Microsoft's tokens can be longer than 4 kB, and servers limit command lines), in two steps
   after ``+``. A refused token gets a direct tagged ``NO`` (Microsoft) or first a ``+ <base64
   JSON>`` error challenge, answered with an empty line (Dovecot, Google). After the tagged
-  ``OK``, one ``CAPABILITY`` probe: its list goes into the client's OK (Exchange's OK carries
-  none), and Exchange's ``BAD User is authenticated but not connected.`` to it means the token
-  is fine but its owner may not open the mailbox (or, briefly, throttling):
-  :class:`~proxy.outcomes.Refused` ``NOT_CONNECTED``.
+  ``OK`` without capabilities (Exchange's), one ``CAPABILITY`` probe: its list goes into the
+  client's OK, and Exchange's ``BAD User is authenticated but not connected.`` to it means the
+  token is fine but its owner may not open the mailbox (or, briefly, throttling):
+  :class:`~proxy.outcomes.Refused` ``NOT_CONNECTED``. A server that names its capabilities
+  with the login (``OK [CAPABILITY ...]`` or an untagged ``* CAPABILITY`` before it: Dovecot)
+  gets no probe: it has told what the probe asks, and such servers have no "not connected"
+  state (one upstream round trip less per login).
 
 The access token lives only in the bytes returned to send; no outcome or text contains it.
 """
@@ -136,6 +139,11 @@ class Xoauth2Login:
             found = _CAPABILITY_CODE.search(status)
             if found:
                 self._login_caps = found.group(1).decode("ascii", "replace").strip()
+            if self._login_caps is not None:
+                # The server named its capabilities with the login (Dovecot does, Exchange never):
+                # no probe, one round trip less. Exchange's "not connected" state needs the probe;
+                # a server that sends its list here has no such state.
+                return b"", Accepted(self._login_caps)
             self._probing, self._tag = True, self._next_tag()
             return self._tag + b" CAPABILITY\r\n", None
         if status.upper().startswith(b"NO"):
