@@ -160,7 +160,7 @@ class Xoauth2Login:
             return b"", None  # untagged data (or a stray continuation) before the probe's answer
         status = response[len(self._tag) + 1:]
         if status.upper().startswith(b"OK"):
-            return b"", Accepted(self._probe_caps or self._login_caps)
+            return b"", Accepted(self._probe_caps)  # (only probed when the login named none)
         if _NOT_CONNECTED.search(status):
             return b"", Refused(Refused.NOT_CONNECTED,
                                 server_text(status[3:] if status.upper().startswith(b"BAD") else status[2:]))
