@@ -23,7 +23,7 @@ import time
 from typing import Any, Protocol
 
 from .admission import Admission, Slot
-from .config import STARTTLS_OFF, STARTTLS_REQUIRED, Config, ListenerConfig
+from .config import STARTTLS_OFF, STARTTLS_REQUIRED, Config
 from .events import Close, Event, Login, Send, StartTLS
 from .listeners import HANDSHAKE_TIMEOUT, Listeners, unread_input
 from .login import LoginFailed, Upstream, login
@@ -81,12 +81,7 @@ class CoreFront(Listeners):
             connect=self.connect_upstream, authenticate=self.authenticate_upstream,
             is_closed=lambda conn: conn.endpoint.is_closing, close=lambda conn: conn.close())
 
-    # -- what a protocol supplies -----------------------------------------------------------
-    @property
-    def settings(self) -> ListenerConfig:
-        """The protocol's config section."""
-        raise NotImplementedError
-
+    # -- what a protocol supplies (and ``settings``, declared by Listeners) ---------------------
     def new_core(self, *, tls_active: bool, starttls: bool, login_requires_tls: bool) -> Core:
         raise NotImplementedError
 
