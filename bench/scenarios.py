@@ -663,5 +663,11 @@ def replicas(ctx: Context, count: int = 3) -> list[Row]:
 SCENARIOS = {"fetch": fetch, "login": login_latency, "rate": login_rate, "burst": burst, "idle": idle,
              "tlsidle": tls_idle, "stall": stall, "smtp": smtp, "pop3": pop3}
 # Run only when asked for (``--only replicas``): they need PostgreSQL and HAProxy (docs/scale-out.md).
-OPTIONAL_SCENARIOS = {"replicas": replicas}
+def floor(ctx: Context) -> list[Row]:
+    """bench/floor.py: the same figures through a do-nothing Python relay (what any proxy pays)."""
+    from bench.floor import floor as measure
+    return measure(ctx)
+
+
+OPTIONAL_SCENARIOS = {"replicas": replicas, "floor": floor}
 
