@@ -61,3 +61,22 @@ def test_benchmark_smoke_run_prints_every_row(tmp_path):
 
 def data_version(path: Path) -> str:
     return json.loads(path.read_text())["emailproxy"] or ""
+
+
+def test_floor_scenario_measures_direct_the_proxy_and_the_do_nothing_relay(tmp_path):
+    """``--only floor`` (on request, bench/floor.py): both relays start, log in upstream with the
+    bed's token and carry real logins and messages; every floor row has figures on both sides."""
+    out = tmp_path / "floor.json"
+    result = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--only", "floor", "--no-emailproxy",
+                             "--runs", "1", "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    data = json.loads(out.read_text())
+    assert data["failed"] is None
+    floor = [row for row in data["rows"] if row["name"].startswith("floor: ")]
+    assert [row["name"].rsplit(", ", 1)[1] for row in floor] == ["the proxy", "do-nothing relay"] * 3
+    assert [row["name"].split(",")[0] for row in floor[::2]] == ["floor: LOGIN → OK", "floor: logins/s",
+                                                                  "floor: SMTP messages/s (5 × 5 kB)"]
+    for row in floor:
+        assert len(row["direct"]) == 1 and len(row["proxy"]) == 1 and row["proxy"][0] > 0, row
+    # The relays are measured, not skipped: a login and a message each went through them.
+    assert "floor: " in result.stderr and "relay" in result.stderr
