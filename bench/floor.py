@@ -17,7 +17,9 @@ relays that do the least a proxy can do, in the same rounds as direct and the pr
 Neither is a product: they check no password, keep no promise of the proxy's (a broken upstream
 gives the client nothing, a message is not checked) and exist only to be measured.
 ``python -m bench.floor imap|smtp --upstream HOST:PORT --cafile CA --user U --port P`` runs one
-(the token is the first line of standard input, never an argument); the scenario starts both.
+(the token is the first line of standard input, never an argument; ``--uvloop``: on uvloop's
+event loop, which the scenario asks for when the benchmark runs the proxy on it, ``--uvloop``);
+the scenario starts both.
 """
 
 from __future__ import annotations
@@ -155,7 +157,11 @@ def main() -> None:
     parser.add_argument("--cafile", required=True)
     parser.add_argument("--user", required=True)
     parser.add_argument("--port", type=int, required=True, help="port to listen on (127.0.0.1)")
+    parser.add_argument("--uvloop", action="store_true", help="run on uvloop's event loop (as the proxy with bench --uvloop)")
     args = parser.parse_args()
+    if args.uvloop:
+        import uvloop
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     host, port = args.upstream.rsplit(":", 1)
     token = sys.stdin.readline().strip()
     asyncio.run(Relay(args.protocol, host, int(port), args.user, token, args.cafile).serve(args.port))
@@ -167,7 +173,8 @@ def _start(protocol: str, upstream: tuple[str, int], ctx) -> tuple[subprocess.Po
 
     bed, port = ctx.bed, free_port()
     process = subprocess.Popen([sys.executable, "-m", "bench.floor", protocol, "--upstream", f"{upstream[0]}:{upstream[1]}",
-                                "--cafile", str(bed.idp.pki.ca_file), "--user", bed.account.user, "--port", str(port)],
+                                "--cafile", str(bed.idp.pki.ca_file), "--user", bed.account.user, "--port", str(port)]
+                               + (["--uvloop"] if bed.uvloop else []),
                                cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     process.stdin.write(bed.direct_token + "\n")
     process.stdin.close()
