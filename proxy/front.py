@@ -243,10 +243,10 @@ class CoreFront(Listeners):
         except LoginFailed as failure:
             return None, self.login_refusal(core, failure)
         duration = time.monotonic() - started
+        client.write(self.login_reply(core, result))  # (the answer first: the log line is not on its way)
         log_event(self.log, "%s %s login %s ok (%.0f ms)", protocol, peer, event.username, duration * 1000,
                   event="login", protocol=protocol, peer=peer, account=event.username, result="ok",
                   duration_s=round(duration, 3))
-        client.write(self.login_reply(core, result))
 
         def close(reason: str) -> None:  # (no goodbye line: the relay may be in the middle of a response)
             self.log.info("%s %s: closing the session of %s: %s", protocol, peer, grant.account.username, reason)

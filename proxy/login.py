@@ -41,6 +41,7 @@ from .tokens import LoginGrant, LoginRefused, TokenBroker, TokenError
 
 log = logging.getLogger("proxy.login")
 C = TypeVar("C")  # an upstream connection
+T = TypeVar("T")
 #: Before the one retry after Exchange's "authenticated but not connected" (seconds).
 NOT_CONNECTED_PAUSE = 2.0
 
@@ -151,9 +152,8 @@ async def login(broker: TokenBroker, throttle: FailureThrottle, upstream: Upstre
         slot.checking()
     try:
         try:
-            result = await asyncio.wait_for(_login(broker, upstream, username, password, timeout, protocol,
-                                                   progress, slot),
-                                            timeout)
+            result = await within(timeout, _login(broker, upstream, username, password, timeout, protocol,
+                                                  progress, slot))
         except asyncio.TimeoutError:
             raise LoginFailed(LoginFailed.UNAVAILABLE, timeout_text(progress.step, timeout)) from None
     except LoginFailed as failure:
@@ -187,6 +187,21 @@ async def login(broker: TokenBroker, throttle: FailureThrottle, upstream: Upstre
     return result
 
 
+_TIMEOUT = getattr(asyncio, "timeout", None)  # (Python 3.11 and later)
+
+
+async def within(timeout: float, coro: Awaitable[T]) -> T:
+    """``await coro``, raising asyncio.TimeoutError after ``timeout`` seconds (and cancelling it).
+
+    From Python 3.11 on in the caller's own task (``asyncio.timeout``): ``asyncio.wait_for`` runs
+    the coroutine in a task of its own, which starts on the event loop's next iteration and wakes
+    the caller on another, two more iterations on every login's path to its reply."""
+    if _TIMEOUT is None:
+        return await asyncio.wait_for(coro, timeout)
+    async with _TIMEOUT(timeout):
+        return await coro
+
+
 _NAME_KEY = secrets.token_bytes(16)  # (this process only: the fingerprints cannot be looked up elsewhere)
 
 
@@ -218,8 +233,7 @@ async def relogin(broker: TokenBroker, upstream: Upstream[C], grant: LoginGrant,
     """
     progress = _Progress()
     try:
-        return await asyncio.wait_for(_upstream_login(broker, upstream, grant, timeout, protocol, progress),
-                                      timeout)
+        return await within(timeout, _upstream_login(broker, upstream, grant, timeout, protocol, progress))
     except asyncio.TimeoutError:
         raise LoginFailed(LoginFailed.UNAVAILABLE, timeout_text(progress.step, timeout)) from None
     except LoginFailed as failure:

@@ -16,6 +16,7 @@ kinds (RFC 7888 LITERAL+). Every input is bounded and nothing here raises on any
 from __future__ import annotations
 
 import enum
+import functools
 from typing import Callable
 
 from ..events import Close, Event, Login, Send, StartTLS
@@ -295,8 +296,12 @@ def _reply(out: list[Event], tag: str, text: str) -> None:
     out.append(Send(f"{tag} {text}\r\n".encode("ascii", "replace")))
 
 
+@functools.lru_cache(maxsize=32)
 def _atoms(text: str) -> str:
-    """The space-separated atoms of ``text`` (e.g. capabilities or a response code)."""
+    """The space-separated atoms of ``text`` (e.g. capabilities or a response code).
+
+    Cached: every login through one upstream answers with the same capability list (~300
+    characters checked one by one, ~50 µs on each login's path to its reply)."""
     words = str(text or "").split()
     return " ".join(w for w in words if all(ord(c) in ATOM_CHARS for c in w))
 
