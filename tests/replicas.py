@@ -227,8 +227,10 @@ class Replicas:
     def ports(self, index: int) -> dict[str, int]:
         from tests.harness import listen_port
         config = self.configs[index]
-        return {"imap": listen_port(config, "imap"), "smtp": listen_port(config, "smtp"),
-                "admin": self.admin_ports[index]}
+        ports = {"imap": listen_port(config, "imap"), "smtp": listen_port(config, "smtp"),
+                 "admin": self.admin_ports[index]}
+        pop3 = listen_port(config, "pop3")
+        return {**ports, "pop3": pop3} if pop3 is not None else ports
 
     def authorize(self, user: str, password: str, **kwargs) -> subprocess.CompletedProcess:
         """`proxy authorize` (through the fake browser) with replica 0's config: the store is shared."""

@@ -17,6 +17,7 @@ The unit rows of the parser and the layer are in tests/test_proxyproto.py.
 
 from __future__ import annotations
 
+import poplib
 import smtplib
 import socket
 import ssl
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import free_port
+from tests.harness import free_port, pop3_section
 from tests.opsbed import sample, scrape
 from tests.replicas import HAProxy, Replicas, Route
 
@@ -39,6 +40,7 @@ ROUTES = (
     Route("imap_v1", "imap", "send-proxy"),
     Route("imaps_v2", "imaps", "send-proxy-v2"),
     Route("smtp_v2", "smtp", "send-proxy-v2"),
+    Route("pop3_v1", "pop3", "send-proxy"),
     Route("guesser", "imap", "send-proxy-v2", (f"tcp-request connection set-src ipv4({GUESSER})",)),
     Route("colleague", "imap", "send-proxy", (f"tcp-request connection set-src ipv6({COLLEAGUE})",)),
 )
@@ -65,7 +67,8 @@ def bed(tmp_path_factory, idp, pki, dovecot):
                         tokens={"path": "tokens"}, log_level="INFO",
                         tls={"cert_file": str(pki.cert_file), "key_file": str(pki.key_file)},
                         imap={"tls_listen": f"127.0.0.1:{imaps}", "proxy_protocol": TRUSTED},
-                        smtp={"proxy_protocol": TRUSTED})
+                        smtp={"proxy_protocol": TRUSTED},
+                        pop3=pop3_section(dovecot, pki, proxy_protocol=TRUSTED))
     replicas.authorize(account, PASSWORD)
     replicas.start()
     haproxy = None
@@ -84,6 +87,17 @@ def connect(port: int, source: str = "127.0.0.1") -> socket.socket:
     sock.bind((source, 0))
     sock.connect(("127.0.0.1", port))
     return sock
+
+
+class Pop3From(poplib.POP3):
+    """poplib's client, connecting from the ``source`` address (which HAProxy puts in its header)."""
+
+    def __init__(self, port: int, source: str):
+        self.source = source
+        super().__init__("127.0.0.1", port, timeout=20)
+
+    def _create_socket(self, timeout):  # noqa: ANN001, ANN202
+        return socket.create_connection((self.host, self.port), timeout, source_address=(self.source, 0))
 
 
 def imap_login(sock: socket.socket | ssl.SSLSocket, user: str, password: str) -> bytes:
@@ -133,6 +147,13 @@ def test_the_proxy_sees_each_clients_own_address_through_haproxy(bed: Bed, pki) 
         peer = f"127.0.0.3:{smtp.sock.getsockname()[1]}"
         smtp.login(bed.account, PASSWORD)
     seen.append(f"smtp {peer} login {bed.account} ok")
+    # POP3 (version 1 header): the same listener code, its own greeting after the header
+    pop = Pop3From(ports["pop3_v1"], "127.0.0.2")
+    peer = f"127.0.0.2:{pop.sock.getsockname()[1]}"
+    pop.user(bed.account)
+    assert pop.pass_(PASSWORD).startswith(b"+OK")
+    pop.quit()
+    seen.append(f"pop3 {peer} login {bed.account} ok")
     log = wait_for_log(bed, seen[-1])
     for line in seen:  # (HAProxy connects from 127.0.0.1, from ports of its own)
         assert line in log, line
