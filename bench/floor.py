@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import ssl
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from proxy.sasl import xoauth2_initial_response
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -108,7 +109,7 @@ class Relay:
     def __init__(self, protocol: str, host: str, port: int, user: str, token: str, cafile: str):
         self.protocol, self.host, self.port = protocol, host, port
         self.context = ssl.create_default_context(cafile=cafile)
-        self.login = base64.b64encode(f"user={user}\x01auth=Bearer {token}\x01\x01".encode())
+        self.login = xoauth2_initial_response(user, token)
 
     async def connect_imap(self, client: _Client) -> None:
         loop = asyncio.get_running_loop()
@@ -204,7 +205,6 @@ def floor(ctx) -> list:  # noqa: ANN001
         rows[figure] = (Row(f"floor: {figure}, the proxy", unit, higher_is_better=better),
                         Row(f"floor: {figure}, do-nothing relay", unit, higher_is_better=better,
                             note="" if rows else note))
-    latency, rate, messages = rows.values()
 
     def smtp_session(side: str) -> smtplib.SMTP:
         if side != "floor":

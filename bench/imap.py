@@ -15,6 +15,8 @@ import ssl
 import time
 from dataclasses import dataclass
 
+from proxy.sasl import xoauth2_initial_response
+
 _LITERAL = re.compile(rb"\{(\d+)\+?\}\r\n$")
 CHUNK = 1 << 20
 
@@ -38,8 +40,7 @@ class Target:
     @property
     def login_command(self) -> bytes:
         if self.xoauth2 or (self.xoauth2 is None and self.tls is not None):
-            ir = base64.b64encode(f"user={self.user}\x01auth=Bearer {self.secret}\x01\x01".encode())
-            return b"AUTHENTICATE XOAUTH2 " + ir
+            return b"AUTHENTICATE XOAUTH2 " + xoauth2_initial_response(self.user, self.secret)
         return b"LOGIN " + quote(self.user) + b" " + quote(self.secret)
 
 
